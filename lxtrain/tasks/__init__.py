@@ -1,0 +1,1 @@
+"""Pre-training tasks: masking, objectives and the task schedule."""
