@@ -53,7 +53,9 @@ NORM = ("weight", "bias")
 EMBEDDING = ("weight",)
 
 
-def _attention_block(lx: str, hf_attention: str, hf_output: str) -> Iterator[tuple[str, str, tuple[str, ...]]]:
+def _attention_block(
+    lx: str, hf_attention: str, hf_output: str
+) -> Iterator[tuple[str, str, tuple[str, ...]]]:
     for projection in ("query", "key", "value"):
         yield f"{lx}.attention.{projection}", f"{hf_attention}.{projection}", LINEAR
     yield f"{lx}.output", f"{hf_output}.dense", LINEAR
@@ -81,13 +83,21 @@ def _backbone_modules(config: LxmertConfig) -> Iterator[tuple[str, str, tuple[st
     ):
         for i in range(depth):
             lx, hf = f"backbone.{stack}.{i}", f"encoder.{hf_stack}.{i}"
-            yield from _attention_block(f"{lx}.self_attention", f"{hf}.attention.self", f"{hf}.attention.output")
+            yield from _attention_block(
+                f"{lx}.self_attention", f"{hf}.attention.self", f"{hf}.attention.output"
+            )
             yield from _feed_forward(f"{lx}.feed_forward", f"{hf}.intermediate", f"{hf}.output")
     for i in range(config.num_cross_layers):
         lx, hf = f"backbone.cross_layers.{i}", f"encoder.x_layers.{i}"
-        yield from _attention_block(f"{lx}.cross_attention", f"{hf}.visual_attention.att", f"{hf}.visual_attention.output")
-        yield from _attention_block(f"{lx}.language_self_attention", f"{hf}.lang_self_att.self", f"{hf}.lang_self_att.output")
-        yield from _attention_block(f"{lx}.object_self_attention", f"{hf}.visn_self_att.self", f"{hf}.visn_self_att.output")
+        yield from _attention_block(
+            f"{lx}.cross_attention", f"{hf}.visual_attention.att", f"{hf}.visual_attention.output"
+        )
+        yield from _attention_block(
+            f"{lx}.language_self_attention", f"{hf}.lang_self_att.self", f"{hf}.lang_self_att.output"
+        )
+        yield from _attention_block(
+            f"{lx}.object_self_attention", f"{hf}.visn_self_att.self", f"{hf}.visn_self_att.output"
+        )
         yield from _feed_forward(f"{lx}.language_feed_forward", f"{hf}.lang_inter", f"{hf}.lang_output")
         yield from _feed_forward(f"{lx}.object_feed_forward", f"{hf}.visn_inter", f"{hf}.visn_output")
     yield "backbone.pooler", "pooler.dense", LINEAR
@@ -232,7 +242,9 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], root: str, num_attentio
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         num_attention_heads=num_attention_heads,
-        intermediate_size=shape("encoder.layer.0.intermediate.dense.weight")[0] if depth("layer") else 4 * hidden_size,
+        intermediate_size=shape("encoder.layer.0.intermediate.dense.weight")[0]
+        if depth("layer")
+        else 4 * hidden_size,
         num_language_layers=depth("layer"),
         num_object_layers=depth("r_layers"),
         num_cross_layers=depth("x_layers"),
@@ -374,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lxtrain.convert: error: {error}", file=sys.stderr)
         return 2
     count = sum(t.numel() for t in state.values())
-    print(f"converted {len(state)} tensors ({count / 1e6:.1f}M parameters) {args.source_format} -> {args.target_format}")
+    print(
+        f"converted {len(state)} tensors ({count / 1e6:.1f}M parameters) {args.source_format} -> {args.target_format}"
+    )
     return 0
 
 

@@ -37,7 +37,9 @@ class PretrainingLogits:
     answers: torch.Tensor  # (B, num_qa_labels)
 
 
-def _check_inputs(config: LxmertConfig, input_ids: torch.Tensor, features: torch.Tensor, boxes: torch.Tensor) -> None:
+def _check_inputs(
+    config: LxmertConfig, input_ids: torch.Tensor, features: torch.Tensor, boxes: torch.Tensor
+) -> None:
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (B, T); got shape {tuple(input_ids.shape)}")
     if input_ids.shape[1] > config.max_position_embeddings:
@@ -70,7 +72,9 @@ class LxmertBackbone(nn.Module):
         self.config = config
         self.text_embeddings = TextEmbeddings(config)
         self.object_embeddings = ObjectEmbeddings(config)
-        self.language_layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_language_layers))
+        self.language_layers = nn.ModuleList(
+            TransformerLayer(config) for _ in range(config.num_language_layers)
+        )
         self.object_layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_object_layers))
         self.cross_layers = nn.ModuleList(CrossModalityLayer(config) for _ in range(config.num_cross_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)

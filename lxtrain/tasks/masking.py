@@ -23,9 +23,7 @@ REPLACE_WITH_MASK = 0.8
 REPLACE_WITH_RANDOM = 0.1
 
 
-def _split_selected(
-    selected: np.ndarray, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def _split_selected(selected: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Split selected positions into (to-mask, to-randomise); the rest stay unchanged."""
     draw = rng.random(selected.shape)
     to_mask = selected & (draw < REPLACE_WITH_MASK)

@@ -44,7 +44,9 @@ class ObjectiveOutput:
     def accuracies(self) -> dict[str, float]:
         """Accuracy per task on this batch; tasks with no labelled item are left out."""
         return {
-            name: float(self.correct[name] / self.counts[name]) for name in self.correct if self.counts[name] > 0
+            name: float(self.correct[name] / self.counts[name])
+            for name in self.correct
+            if self.counts[name] > 0
         }
 
 
