@@ -149,3 +149,33 @@ def pretraining_objectives(
 
     total = sum(task_weights[task] * loss for task, loss in losses.items())
     return ObjectiveOutput(losses=losses, total=total, correct=correct, counts=counts)
+
+
+class PretrainingObjective(torch.nn.Module):
+    """The module a training engine wraps: ``forward(batch, task_weights) -> ObjectiveOutput``.
+
+    Engines (DeepSpeed ZeRO-3 in particular) hook the wrapped module's forward, so the whole
+    objective, heads included, runs inside one forward call.
+    """
+
+    def __init__(
+        self,
+        model: LxmertForPretraining,
+        visual_loss_normalizer: float = RELEASE_VISUAL_LOSS_NORMALIZER,
+        zero_visual_input: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.visual_loss_normalizer = visual_loss_normalizer
+        self.zero_visual_input = zero_visual_input
+
+    def forward(self, batch: Mapping[str, torch.Tensor], task_weights: Mapping[str, float]) -> ObjectiveOutput:
+        dtype = self.model.backbone.pooler.weight.dtype
+        batch = dict(batch)
+        for key in (B.OBJECT_FEATURES, B.OBJECT_BOXES):
+            # Mixed precision: the engine casts weights, inputs follow them here.
+            value = batch[key].to(dtype)
+            batch[key] = torch.zeros_like(value) if self.zero_visual_input else value
+        return pretraining_objectives(
+            self.model, batch, task_weights, visual_loss_normalizer=self.visual_loss_normalizer
+        )

@@ -1,0 +1,142 @@
+"""Pre-training run configuration: one dataclass, one CLI, checked before any compute."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from lxtrain.model.config import LxmertConfig
+from lxtrain.tasks.schedule import RECIPES
+
+MODEL_PRESETS = ("tiny", "small", "base")
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """Everything a pre-training run needs besides the DeepSpeed JSON."""
+
+    deepspeed_config: str
+    """DeepSpeed JSON (ds_configs/*.json): batch sizes, precision, ZeRO stage, optimiser, LR schedule."""
+    train_shards: str
+    """Training shard directory (holding index.json) or its index.json."""
+    output_dir: str
+    """Run directory: checkpoints/, tensorboard/, export/, logs."""
+    valid_shards: str | None = None
+    """Validation shard directory (mscoco_minival-style); validation is skipped without it."""
+    model: str = "base"
+    """Model size: tiny | small | base (LXMERT-base, 228M), or a JSON file of LxmertConfig fields."""
+    epochs: float = 20.0
+    """Epochs over the training shards (the paper: 20)."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps (the LR schedule still spans all epochs)."""
+    recipe: str = "paper"
+    """Task recipe: paper (P10+QA10) | release (QA always on) | phased | sampled | phases."""
+    phases_file: str | None = None
+    """JSON list of phases for recipe 'phases'."""
+    seed: int = 9595
+    """Seed of model init, data order and masking."""
+    resume: str = "auto"
+    """auto: newest complete checkpoint in output_dir if any; none: start fresh; or a checkpoint path."""
+    save_every: int = 1000
+    """Checkpoint every N optimiser steps (and at every epoch end)."""
+    keep_last: int = 3
+    """Complete checkpoints to keep."""
+    log_every: int = 10
+    """Log training scalars every N steps."""
+    valid_every: int = 0
+    """Validate every N steps (0: only at epoch ends)."""
+    attention_image_every: int = 0
+    """Log cross-modality attention images every N steps (0: at validation only)."""
+    max_valid_batches: int | None = None
+    """Cap on validation batches per rank (None: the whole validation set)."""
+    num_workers: int = 2
+    """Data-loader worker processes per rank."""
+    strict_data: bool = False
+    """Stop on a corrupt sample instead of skipping it with a warning."""
+    visual_loss_normalizer: str = "release"
+    """release (1/0.15, the reference and the paper) or hf (6.67, HF transformers)."""
+    warmup_fraction: float = 0.05
+    """Share of all steps spent in linear LR warm-up (reference: 5%)."""
+    max_bad_steps: int = 5
+    """Stop (with a checkpoint of the last good state) after this many non-finite losses in a row."""
+    zero_visual_input: bool = False
+    """Control run: feed all-zero object features and boxes (a language-only baseline)."""
+    tokenizer: str | None = None
+    """Path to a BERT vocab.txt (default: the offline BERT uncased vocabulary)."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device for the MFU estimate (default: known GPUs; none on CPU)."""
+    collective_timeout_s: float = 300.0
+    """Upper bound on any collective: a dead rank makes the others stop within it."""
+    export: bool = True
+    """Write a consolidated fp32 export (lxtrain format) at the end."""
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"--recipe {self.recipe!r} is not one of {RECIPES}")
+        if self.recipe == "phases" and not self.phases_file:
+            raise ValueError("--recipe phases needs --phases-file FILE.json")
+        if self.visual_loss_normalizer not in ("release", "hf"):
+            raise ValueError(f"--visual-loss-normalizer must be 'release' or 'hf'; got {self.visual_loss_normalizer!r}")
+        if self.epochs <= 0:
+            raise ValueError(f"--epochs must be > 0; got {self.epochs}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"--warmup-fraction must be in [0, 1); got {self.warmup_fraction}")
+        if self.model not in MODEL_PRESETS and not Path(self.model).is_file():
+            raise ValueError(f"--model {self.model!r} is neither a preset {MODEL_PRESETS} nor a JSON file")
+        if not Path(self.deepspeed_config).is_file():
+            raise FileNotFoundError(f"--deepspeed_config {self.deepspeed_config}: no such file")
+
+    def model_config(self) -> LxmertConfig:
+        if self.model == "base":
+            return LxmertConfig()
+        if self.model == "small":
+            return LxmertConfig(
+                hidden_size=256,
+                num_attention_heads=4,
+                intermediate_size=1024,
+                num_language_layers=3,
+                num_object_layers=2,
+                num_cross_layers=2,
+            )
+        if self.model == "tiny":
+            return LxmertConfig.tiny()
+        return LxmertConfig.load(self.model)
+
+
+def parse_args(argv: list[str] | None = None) -> PretrainConfig:
+    """CLI flags mirror the dataclass fields (``--train-shards`` for ``train_shards``)."""
+    parser = argparse.ArgumentParser(prog="lxtrain/pretrain.py", description="LXMERT pre-training with DeepSpeed")
+    defaults = PretrainConfig.__dataclass_fields__
+    required = {"deepspeed_config", "train_shards", "output_dir"}
+    field_help = _field_docs()
+    for field in dataclasses.fields(PretrainConfig):
+        flags = [f"--{field.name.replace('_', '-')}"]
+        if field.name == "deepspeed_config":
+            flags = ["--deepspeed_config", "--deepspeed-config"]  # the spelling DeepSpeed users know
+        help_text = field_help.get(field.name, "")
+        if isinstance(defaults[field.name].default, bool):
+            parser.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, help=help_text)
+            parser.set_defaults(**{field.name: defaults[field.name].default})
+            continue
+        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(field.type), str)
+        kwargs = {"required": True} if field.name in required else {"default": defaults[field.name].default}
+        parser.add_argument(*flags, dest=field.name, type=kind, help=help_text, **kwargs)
+    # Passed by the deepspeed launcher to every rank; the rank comes from the environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = vars(parser.parse_args(argv))
+    args.pop("local_rank")
+    return PretrainConfig(**args)
+
+
+def _field_docs() -> dict[str, str]:
+    """Each PretrainConfig field's attribute docstring, read from the source: one text for code and --help."""
+    import inspect
+
+    lines = [line.strip() for line in inspect.getsource(PretrainConfig).splitlines()]
+    docs = {}
+    for line, following in zip(lines, lines[1:]):
+        name = line.split(":", 1)[0]
+        if ":" in line and name.isidentifier() and following.startswith('"""'):
+            docs[name] = following.strip('"').replace("%", "%%")  # argparse formats help with %
+    return docs

@@ -1,0 +1,125 @@
+"""Rank discovery and process-group set-up for every launcher lxtrain supports.
+
+One entry point runs under the ``deepspeed`` launcher and ``torchrun`` (RANK / WORLD_SIZE /
+LOCAL_RANK / MASTER_ADDR / MASTER_PORT in the environment), under ``srun`` (SLURM_PROCID /
+SLURM_NTASKS / SLURM_LOCALID, with MASTER_ADDR / MASTER_PORT exported by the sbatch script), under
+``mpirun`` (Open MPI's OMPI_COMM_WORLD_* variables; the master address comes from mpi4py), or as a
+plain single process. The launcher's variables are translated into the torch.distributed ones
+before the process group starts, so everything after initialisation is launcher-agnostic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_PORT = 29500
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # "env" (deepspeed/torchrun), "slurm", "mpi" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _mpi_master_address() -> str:
+    """Rank 0's host name, shared with every MPI rank (mpi4py is imported only under mpirun)."""
+    from mpi4py import MPI
+
+    import socket
+
+    return MPI.COMM_WORLD.bcast(socket.gethostname() if MPI.COMM_WORLD.Get_rank() == 0 else None, root=0)
+
+
+def discover(environ: dict[str, str] | None = None) -> DistributedInfo:
+    """Find rank, world size and local rank from the launcher, and fill in the torch.distributed env.
+
+    Precedence: explicit torch.distributed variables (deepspeed / torchrun) > Slurm > Open MPI > single.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        info = DistributedInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "env")
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+        info = DistributedInfo(
+            int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), "slurm"
+        )
+        if "MASTER_ADDR" not in env:
+            raise RuntimeError(
+                "running under srun but MASTER_ADDR is not set: launch through slurm/pretrain.sbatch, "
+                "which exports MASTER_ADDR and MASTER_PORT from the job's node list"
+            )
+    elif "OMPI_COMM_WORLD_RANK" in env:
+        info = DistributedInfo(
+            int(env["OMPI_COMM_WORLD_RANK"]),
+            int(env["OMPI_COMM_WORLD_SIZE"]),
+            int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
+            "mpi",
+        )
+        if "MASTER_ADDR" not in env:
+            env["MASTER_ADDR"] = _mpi_master_address()
+    else:
+        info = DistributedInfo(0, 1, 0, "single")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(DEFAULT_PORT))
+    env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(info.rank), str(info.world_size), str(info.local_rank)
+    return info
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init(timeout_s: float = 300.0) -> DistributedInfo:
+    """Discover the launcher and start the process group (gloo on CPU, nccl on GPUs).
+
+    ``timeout_s`` bounds every collective: a rank that dies makes the others fail within it
+    instead of hanging forever.
+    """
+    info = discover()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(
+            dist_backend=backend(),
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            rank=info.rank,
+            world_size=info.world_size,
+        )
+    return info
+
+
+def print0(*args: object, **kwargs: object) -> None:
+    """Print on rank 0 only (or always, before the process group exists)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def fail_all(message: str) -> None:
+    """Report a fatal error on this rank and exit non-zero without waiting on the other ranks."""
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+    print(f"[rank {rank}] error: {message}", file=sys.stderr, flush=True)
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def all_true(flag: bool) -> bool:
+    """True on every rank iff ``flag`` is true on every rank (a collective: call it on all ranks)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([0 if flag else 1], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item()) == 0
