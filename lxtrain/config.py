@@ -77,7 +77,9 @@ class PretrainConfig:
         if self.recipe == "phases" and not self.phases_file:
             raise ValueError("--recipe phases needs --phases-file FILE.json")
         if self.visual_loss_normalizer not in ("release", "hf"):
-            raise ValueError(f"--visual-loss-normalizer must be 'release' or 'hf'; got {self.visual_loss_normalizer!r}")
+            raise ValueError(
+                f"--visual-loss-normalizer must be 'release' or 'hf'; got {self.visual_loss_normalizer!r}"
+            )
         if self.epochs <= 0:
             raise ValueError(f"--epochs must be > 0; got {self.epochs}")
         if not 0 <= self.warmup_fraction < 1:
@@ -106,7 +108,9 @@ class PretrainConfig:
 
 def parse_args(argv: list[str] | None = None) -> PretrainConfig:
     """CLI flags mirror the dataclass fields (``--train-shards`` for ``train_shards``)."""
-    parser = argparse.ArgumentParser(prog="lxtrain/pretrain.py", description="LXMERT pre-training with DeepSpeed")
+    parser = argparse.ArgumentParser(
+        prog="lxtrain/pretrain.py", description="LXMERT pre-training with DeepSpeed"
+    )
     defaults = PretrainConfig.__dataclass_fields__
     required = {"deepspeed_config", "train_shards", "output_dir"}
     field_help = _field_docs()
@@ -116,10 +120,14 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
             flags = ["--deepspeed_config", "--deepspeed-config"]  # the spelling DeepSpeed users know
         help_text = field_help.get(field.name, "")
         if isinstance(defaults[field.name].default, bool):
-            parser.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(
+                *flags, dest=field.name, action=argparse.BooleanOptionalAction, help=help_text
+            )
             parser.set_defaults(**{field.name: defaults[field.name].default})
             continue
-        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(field.type), str)
+        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(
+            str(field.type), str
+        )
         kwargs = {"required": True} if field.name in required else {"default": defaults[field.name].default}
         parser.add_argument(*flags, dest=field.name, type=kind, help=help_text, **kwargs)
     # Passed by the deepspeed launcher to every rank; the rank comes from the environment instead.
@@ -135,7 +143,7 @@ def _field_docs() -> dict[str, str]:
 
     lines = [line.strip() for line in inspect.getsource(PretrainConfig).splitlines()]
     docs = {}
-    for line, following in zip(lines, lines[1:]):
+    for line, following in zip(lines, lines[1:], strict=False):
         name = line.split(":", 1)[0]
         if ":" in line and name.isidentifier() and following.startswith('"""'):
             docs[name] = following.strip('"').replace("%", "%%")  # argparse formats help with %

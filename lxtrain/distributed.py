@@ -35,9 +35,9 @@ class DistributedInfo:
 
 def _mpi_master_address() -> str:
     """Rank 0's host name, shared with every MPI rank (mpi4py is imported only under mpirun)."""
-    from mpi4py import MPI
-
     import socket
+
+    from mpi4py import MPI
 
     return MPI.COMM_WORLD.bcast(socket.gethostname() if MPI.COMM_WORLD.Get_rank() == 0 else None, root=0)
 
@@ -72,7 +72,11 @@ def discover(environ: dict[str, str] | None = None) -> DistributedInfo:
         info = DistributedInfo(0, 1, 0, "single")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(DEFAULT_PORT))
-    env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(info.rank), str(info.world_size), str(info.local_rank)
+    env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = (
+        str(info.rank),
+        str(info.world_size),
+        str(info.local_rank),
+    )
     return info
 
 

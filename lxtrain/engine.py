@@ -59,7 +59,7 @@ def resolve_batch_sizes(config: dict[str, Any], world_size: int, source: str) ->
         raise ConfigError(
             f"{source}: inconsistent batch sizes: train_batch_size {global_batch} != "
             f"train_micro_batch_size_per_gpu {micro} x gradient_accumulation_steps {accumulation} x "
-            f"world size {world_size}; set gradient_accumulation_steps to \"auto\" to derive it"
+            f'world size {world_size}; set gradient_accumulation_steps to "auto" to derive it'
         )
     config["train_batch_size"] = global_batch
     config["train_micro_batch_size_per_gpu"] = micro
@@ -90,7 +90,7 @@ def prepare_deepspeed_config(
     if precision(config) == "fp16" and not cuda:
         raise ConfigError(
             f"{source}: fp16.enabled is true but there is no CUDA GPU; fp16 with loss scaling is a GPU "
-            "feature. Use bf16 (\"bf16\": {\"enabled\": true}) or fp32 on CPU, e.g. ds_configs/cpu_tiny.json"
+            'feature. Use bf16 ("bf16": {"enabled": true}) or fp32 on CPU, e.g. ds_configs/cpu_tiny.json'
         )
     if config.get("fp16", {}).get("enabled") and config.get("bf16", {}).get("enabled"):
         raise ConfigError(f"{source}: fp16 and bf16 are both enabled; enable one")
@@ -100,7 +100,7 @@ def prepare_deepspeed_config(
 
     optimizer = config.get("optimizer")
     if optimizer is None:
-        raise ConfigError(f"{source}: no \"optimizer\" section; copy one from ds_configs/zero2_bf16.json")
+        raise ConfigError(f'{source}: no "optimizer" section; copy one from ds_configs/zero2_bf16.json')
     params = optimizer.setdefault("params", {})
     if optimizer.get("type", "").lower() in ("adam", "adamw") and params.get("bias_correction", True):
         # Not an error (users may want standard Adam), but the reference optimiser has none.
@@ -117,7 +117,7 @@ def prepare_deepspeed_config(
             sched_params["warmup_max_lr"] = params.get("lr", 1e-4)
         left = [key for key, value in sched_params.items() if value == AUTO]
         if left:
-            raise ConfigError(f"{source}: scheduler.params {left} are \"auto\" but lxtrain cannot derive them")
+            raise ConfigError(f'{source}: scheduler.params {left} are "auto" but lxtrain cannot derive them')
     # lxtrain prints its own progress line; DeepSpeed's per-step prints would interleave with it.
     config.setdefault("steps_per_print", 10**9)
     config.setdefault("wall_clock_breakdown", False)

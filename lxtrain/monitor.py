@@ -19,7 +19,9 @@ from lxtrain.model.config import LxmertConfig
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
 
 
-def training_flops_per_sample(config: LxmertConfig, tokens: int = 20, objects: int = 36, mask_rate: float = 0.15) -> float:
+def training_flops_per_sample(
+    config: LxmertConfig, tokens: int = 20, objects: int = 36, mask_rate: float = 0.15
+) -> float:
     """Matmul FLOPs of one forward+backward (x3 of forward) of one example, heads as lxtrain runs them.
 
     Counts every Linear and the attention products; elementwise work is ignored, as MFU usually does.
@@ -27,7 +29,9 @@ def training_flops_per_sample(config: LxmertConfig, tokens: int = 20, objects: i
     d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
 
     def layer(length: int, context: int) -> float:
-        projections = 2 * length * d * d * 2 + 2 * context * d * d * 2  # q, out on the queries; k, v on the context
+        projections = (
+            2 * length * d * d * 2 + 2 * context * d * d * 2
+        )  # q, out on the queries; k, v on the context
         scores = 2 * 2 * length * context * d  # q k^T and probs v
         return projections + scores
 
@@ -38,8 +42,12 @@ def training_flops_per_sample(config: LxmertConfig, tokens: int = 20, objects: i
     forward += config.num_language_layers * (layer(tokens, tokens) + ffn(tokens))
     forward += config.num_object_layers * (layer(objects, objects) + ffn(objects))
     forward += config.num_cross_layers * (
-        layer(tokens, objects) + layer(objects, tokens) + layer(tokens, tokens) + layer(objects, objects)
-        + ffn(tokens) + ffn(objects)
+        layer(tokens, objects)
+        + layer(objects, tokens)
+        + layer(tokens, tokens)
+        + layer(objects, objects)
+        + ffn(tokens)
+        + ffn(objects)
     )
     forward += 2 * d * d  # pooler
     forward += mask_rate * tokens * 2 * (d * d + d * v)  # sparse MLM head
@@ -94,7 +102,9 @@ class Monitor:
         if self.writer is not None:
             self.writer.add_image(tag, image, step, dataformats="CHW")
 
-    def progress(self, step: int, epoch: float, phase: str, losses: Mapping[str, float], samples_per_s: float) -> None:
+    def progress(
+        self, step: int, epoch: float, phase: str, losses: Mapping[str, float], samples_per_s: float
+    ) -> None:
         if not self.enabled:
             return
         if self.start_step is None:

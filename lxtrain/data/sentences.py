@@ -19,13 +19,17 @@ Sentence = dict
 """One sentence as stored in a shard: ``{"source", "text", "answer_ids", "answer_scores"}``."""
 
 
-def _convert_record(
+def convert_record(
     record: object,
     where: str,
     table: AnswerTable,
     qa_sets: frozenset[str],
     problems: ProblemLog,
 ) -> tuple[str, list[Sentence]] | None:
+    """Validate one JSON record and convert it to ``(img_id, sentences)``; None if unusable.
+
+    ``where`` (file and record number) starts every problem message.
+    """
     if not isinstance(record, dict) or not isinstance(record.get("img_id"), str):
         problems.add("bad_record", f"{where}: no string 'img_id'")
         return None
@@ -88,7 +92,7 @@ def load_sentences(
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a list of per-image records")
         for index, record in enumerate(records):
-            converted = _convert_record(record, f"{path}: record {index}", table, wanted, problems)
+            converted = convert_record(record, f"{path}: record {index}", table, wanted, problems)
             if converted is not None and converted[1]:
                 by_image.setdefault(converted[0], []).extend(converted[1])
     return by_image

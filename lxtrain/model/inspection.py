@@ -27,7 +27,10 @@ def capture_cross_attention(model: nn.Module) -> Iterator[dict[str, torch.Tensor
 
         return hook
 
-    handles = [attention.query.register_forward_hook(keep("query")), attention.key.register_forward_hook(keep("key"))]
+    handles = [
+        attention.query.register_forward_hook(keep("query")),
+        attention.key.register_forward_hook(keep("key")),
+    ]
     try:
         yield captured
     finally:

@@ -40,6 +40,7 @@ class ObjectiveOutput:
     total: torch.Tensor
     correct: dict[str, torch.Tensor]  # number of correct predictions per task with an accuracy
     counts: dict[str, torch.Tensor]  # number of labelled items behind each accuracy
+    qa_row_correct: torch.Tensor | None = None  # (N,) bool, per QA-labelled row in batch order
 
     def accuracies(self) -> dict[str, float]:
         """Accuracy per task on this batch; tasks with no labelled item are left out."""
@@ -59,17 +60,19 @@ def check_task_weights(task_weights: Mapping[str, float]) -> None:
 def _labelled_cross_entropy(
     head_input: torch.Tensor, labels: torch.Tensor, head
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy of ``head`` over rows whose label is not ignored; (loss, correct, count)."""
+    """Mean cross-entropy of ``head`` over rows whose label is not ignored.
+
+    Returns (loss, correct per labelled row (bool, N), count of labelled rows).
+    """
     rows = labels != IGNORE_INDEX
     logits = head(head_input[rows])  # (N, C): only labelled rows go through the head
     targets = labels[rows]
     count = rows.sum()
+    correct_rows = logits.argmax(-1) == targets
     if targets.numel() == 0:
         # logits is empty: its sum is an exact 0 that still depends on the head's parameters.
-        return logits.sum() * 0.0, count, count
-    loss = F.cross_entropy(logits.float(), targets)
-    correct = (logits.argmax(-1) == targets).sum()
-    return loss, correct, count
+        return logits.sum() * 0.0, correct_rows, count
+    return F.cross_entropy(logits.float(), targets), correct_rows, count
 
 
 def pretraining_objectives(
@@ -98,6 +101,7 @@ def pretraining_objectives(
     losses: dict[str, torch.Tensor] = {}
     correct: dict[str, torch.Tensor] = {}
     counts: dict[str, torch.Tensor] = {}
+    qa_row_correct = None
 
     if "mlm" in task_weights:
         # The (N, V) vocabulary projection runs on masked positions only: same loss as the dense
@@ -105,19 +109,23 @@ def pretraining_objectives(
         def mlm_head(hidden: torch.Tensor) -> torch.Tensor:
             return model.mlm_head(hidden, model.word_embeddings)
 
-        losses["mlm"], correct["mlm"], counts["mlm"] = _labelled_cross_entropy(
+        losses["mlm"], rows_correct, counts["mlm"] = _labelled_cross_entropy(
             out.language, batch[B.MLM_LABELS], mlm_head
         )
+        correct["mlm"] = rows_correct.sum()
 
     if "match" in task_weights:
-        losses["match"], correct["match"], counts["match"] = _labelled_cross_entropy(
+        losses["match"], rows_correct, counts["match"] = _labelled_cross_entropy(
             out.pooled, batch[B.MATCHED_LABELS], model.matching_head
         )
+        correct["match"] = rows_correct.sum()
 
     if "qa" in task_weights:
-        losses["qa"], correct["qa"], counts["qa"] = _labelled_cross_entropy(
+        losses["qa"], rows_correct, counts["qa"] = _labelled_cross_entropy(
             out.pooled, batch[B.QA_LABELS], model.answer_head
         )
+        correct["qa"] = rows_correct.sum()
+        qa_row_correct = rows_correct
 
     visual_tasks = [task for task in ("obj", "attr", "feat") if task in task_weights]
     if visual_tasks:
@@ -148,7 +156,9 @@ def pretraining_objectives(
             losses["feat"] = (per_box * mask[selected]).sum() / num_boxes * visual_loss_normalizer
 
     total = sum(task_weights[task] * loss for task, loss in losses.items())
-    return ObjectiveOutput(losses=losses, total=total, correct=correct, counts=counts)
+    return ObjectiveOutput(
+        losses=losses, total=total, correct=correct, counts=counts, qa_row_correct=qa_row_correct
+    )
 
 
 class PretrainingObjective(torch.nn.Module):
@@ -169,7 +179,9 @@ class PretrainingObjective(torch.nn.Module):
         self.visual_loss_normalizer = visual_loss_normalizer
         self.zero_visual_input = zero_visual_input
 
-    def forward(self, batch: Mapping[str, torch.Tensor], task_weights: Mapping[str, float]) -> ObjectiveOutput:
+    def forward(
+        self, batch: Mapping[str, torch.Tensor], task_weights: Mapping[str, float]
+    ) -> ObjectiveOutput:
         dtype = self.model.backbone.pooler.weight.dtype
         batch = dict(batch)
         for key in (B.OBJECT_FEATURES, B.OBJECT_BOXES):

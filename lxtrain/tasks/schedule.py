@@ -74,7 +74,9 @@ class TaskSchedule:
             for name, tasks in self.groups.items():
                 _check_tasks(dict.fromkeys(tasks, 1.0), f"group {name}")
             if any(ratio < 0 for ratio in self.group_ratios.values()) or sum(self.group_ratios.values()) <= 0:
-                raise ValueError(f"sampled recipe: ratios must be >= 0 with a positive sum; got {self.group_ratios}")
+                raise ValueError(
+                    f"sampled recipe: ratios must be >= 0 with a positive sum; got {self.group_ratios}"
+                )
 
     def epoch_of(self, step: int) -> float:
         return step / self.steps_per_epoch

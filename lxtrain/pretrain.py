@@ -1,0 +1,366 @@
+"""LXMERT pre-training: config -> distributed -> data -> model -> DeepSpeed engine -> resume -> loop.
+
+    deepspeed --num_gpus 2 lxtrain/pretrain.py --deepspeed_config ds_configs/zero2_bf16.json \
+        --train-shards shards/train --valid-shards shards/minival --output-dir runs/base
+
+The same file runs under ``torchrun``, ``mpirun`` and ``srun`` (see ``lxtrain.distributed``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script (deepspeed/torchrun launch a file): sys.path[0] is lxtrain/ itself, whose
+    # module names (config, data, model...) must not shadow other packages; use the repo root.
+    _here = str(Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(_here)]
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from lxtrain import batch as B  # noqa: E402
+from lxtrain import checkpoint, distributed  # noqa: E402
+from lxtrain import engine as engine_setup
+from lxtrain.config import PretrainConfig, parse_args  # noqa: E402
+from lxtrain.data.pipeline import PretrainData  # noqa: E402
+from lxtrain.model import LxmertForPretraining  # noqa: E402
+from lxtrain.model.inspection import capture_cross_attention, language_to_vision_attention  # noqa: E402
+from lxtrain.monitor import Monitor, attention_heatmap, detect_peak_tflops, training_flops_per_sample  # noqa: E402
+from lxtrain.tasks.objectives import (  # noqa: E402
+    HF_VISUAL_LOSS_NORMALIZER,
+    RELEASE_VISUAL_LOSS_NORMALIZER,
+    TASKS,
+    PretrainingObjective,
+)
+from lxtrain.tasks.schedule import TaskSchedule, load_phases  # noqa: E402
+
+REQUEUE_MARKER = "REQUEUE"
+EXIT_NONFINITE = 3
+
+
+class StopRequested:
+    """Set by SIGTERM / SIGUSR1 (Slurm's pre-timeout signal); acted on at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+class TaskMeter:
+    """Sums of per-task losses and accuracy counts between two log points, reduced over ranks."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        size = len(TASKS)
+        self.loss_sum = torch.zeros(size, dtype=torch.float64)
+        self.loss_count = torch.zeros(size, dtype=torch.float64)
+        self.correct = torch.zeros(size, dtype=torch.float64)
+        self.labelled = torch.zeros(size, dtype=torch.float64)
+        self.extra: dict[str, float] = {}
+
+    def add(self, output) -> None:
+        for index, task in enumerate(TASKS):
+            if task in output.losses:
+                self.loss_sum[index] += float(output.losses[task].detach())
+                self.loss_count[index] += 1
+            if task in output.counts:
+                self.correct[index] += float(output.correct[task])
+                self.labelled[index] += float(output.counts[task])
+
+    def reduce(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(mean loss per task, accuracy per task) over all ranks; a collective."""
+        stacked = torch.stack([self.loss_sum, self.loss_count, self.correct, self.labelled])
+        if dist.is_initialized():
+            dist.all_reduce(stacked)
+        loss_sum, loss_count, correct, labelled = stacked
+        losses = {t: float(loss_sum[i] / loss_count[i]) for i, t in enumerate(TASKS) if loss_count[i] > 0}
+        accuracies = {t: float(correct[i] / labelled[i]) for i, t in enumerate(TASKS) if labelled[i] > 0}
+        return losses, accuracies
+
+
+def build_engine(cfg: PretrainConfig, world_size: int, total_steps: int):
+    model_config = cfg.model_config()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = LxmertForPretraining(model_config)
+    normalizer = (
+        HF_VISUAL_LOSS_NORMALIZER if cfg.visual_loss_normalizer == "hf" else RELEASE_VISUAL_LOSS_NORMALIZER
+    )
+    objective = PretrainingObjective(model, normalizer, zero_visual_input=cfg.zero_visual_input)
+    ds_config = engine_setup.prepare_deepspeed_config(
+        cfg.deepspeed_config,
+        world_size=world_size,
+        total_steps=total_steps,
+        warmup_fraction=cfg.warmup_fraction,
+    )
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        import deepspeed
+
+        # The MLM decoder reads the word-embedding table outside the embedding module.
+        deepspeed.zero.register_external_parameter(model.mlm_head, model.word_embeddings)
+    return engine_setup.initialize(objective, ds_config), model_config, ds_config
+
+
+@torch.no_grad()
+def validate(
+    engine, data: PretrainData, model_config, monitor: Monitor, step: int, max_batches: int | None
+) -> dict:
+    """Every task's loss and accuracy, QA accuracy per source, and an attention image; a collective."""
+    engine.eval()
+    meter = TaskMeter()
+    qa_by_source = torch.zeros(2, len(B.SENTENCE_SOURCE_NAMES), dtype=torch.float64)
+    all_tasks = dict.fromkeys(TASKS, 1.0)
+    device = engine.device
+    for index, batch in enumerate(data.valid_batches(max_batches)):
+        batch = _to_device(batch, device)
+        if index == 0:
+            with capture_cross_attention(engine.module.model) as captured:
+                output = engine(batch, all_tasks)
+            attention = language_to_vision_attention(captured, model_config.num_attention_heads)
+            first_batch = batch
+        else:
+            output = engine(batch, all_tasks)
+        meter.add(output)
+        labelled = batch[B.QA_LABELS] != -100
+        sources = batch[B.SENTENCE_SOURCES][labelled].cpu()
+        qa_by_source[0].index_add_(0, sources, output.qa_row_correct.double().cpu())
+        qa_by_source[1].index_add_(0, sources, torch.ones_like(sources, dtype=torch.float64))
+    losses, accuracies = meter.reduce()
+    if dist.is_initialized():
+        dist.all_reduce(qa_by_source)
+    qa_sources = {
+        name: float(qa_by_source[0, i] / qa_by_source[1, i])
+        for i, name in enumerate(B.SENTENCE_SOURCE_NAMES)
+        if qa_by_source[1, i] > 0
+    }
+    monitor.scalars("valid/loss", losses, step)
+    monitor.scalars("valid/acc", accuracies, step)
+    monitor.scalars("valid/qa_acc", qa_sources, step)
+    if monitor.enabled and "first_batch" in locals():
+        _log_attention(monitor, data, attention, first_batch, step)
+    engine.train()
+    return {"loss": losses, "acc": accuracies, "qa_acc_by_source": qa_sources}
+
+
+def _log_attention(
+    monitor: Monitor, data: PretrainData, attention: torch.Tensor, batch: dict, step: int
+) -> None:
+    """Words (rows) over boxes (columns), mean over heads, for the first example of the batch."""
+    length = int(batch[B.ATTENTION_MASK][0].sum())
+    probabilities = attention[0].mean(0)[:length].cpu().numpy()
+    monitor.image("attention/language_to_vision", attention_heatmap(probabilities), step)
+    words = data.decode_tokens(batch[B.INPUT_IDS][0, :length].tolist())
+    monitor.text("attention/words", " | ".join(words), step)
+
+
+def run(cfg: PretrainConfig, info: distributed.DistributedInfo) -> int:
+    output_dir = Path(cfg.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    # Everything that can be wrong with the inputs is checked before the model is built.
+    ds_json = engine_setup.load_deepspeed_config(cfg.deepspeed_config)
+    _, micro_batch, accumulation = engine_setup.resolve_batch_sizes(
+        dict(ds_json), info.world_size, cfg.deepspeed_config
+    )
+    data = PretrainData(cfg, micro_batch, info.rank, info.world_size)
+    batches_per_epoch = data.batches_per_epoch
+    steps_per_epoch = batches_per_epoch // accumulation
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{cfg.train_shards}: {batches_per_epoch} micro-batches per rank per epoch is fewer than "
+            f"gradient_accumulation_steps={accumulation}; use more data, fewer ranks or a smaller batch"
+        )
+    total_steps = math.ceil(cfg.epochs * steps_per_epoch)
+    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    phases = load_phases(cfg.phases_file) if cfg.phases_file else ()
+    schedule = TaskSchedule(cfg.recipe, steps_per_epoch, cfg.epochs, seed=cfg.seed, phases=phases)
+
+    resume_dir, resume_tag = checkpoint_dir, None
+    if cfg.resume == "auto":
+        resume_tag = checkpoint.find_resume_tag(checkpoint_dir)
+    elif cfg.resume != "none":
+        resume_path = Path(cfg.resume)
+        if not (resume_path / checkpoint.COMPLETE).exists():
+            raise FileNotFoundError(f"--resume {cfg.resume}: not a complete lxtrain checkpoint directory")
+        resume_dir, resume_tag = resume_path.parent, resume_path.name
+
+    engine, model_config, ds_config = build_engine(cfg, info.world_size, total_steps)
+    step, batches_done = 0, 0
+    if resume_tag is not None:
+        state = checkpoint.load(engine, resume_dir, resume_tag)
+        step, batches_done = state["step"], state["batches_done"]
+        distributed.print0(f"resumed from {resume_dir / resume_tag} at step {step}")
+
+    monitor = Monitor(output_dir / "tensorboard", last_step, enabled=info.is_main)
+    if info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "run_config.json").write_text(
+            json.dumps(
+                {"lxtrain": dataclasses.asdict(cfg), "deepspeed": ds_config, "model": model_config.to_dict()},
+                indent=2,
+            )
+        )
+        distributed.print0(
+            f"lxtrain: {info.world_size} rank(s) via {info.launcher}, {engine_setup.precision(ds_config)}, "
+            f"ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)}, "
+            f"{sum(p.numel() for p in engine.module.parameters()) / 1e6:.1f}M params, "
+            f"{steps_per_epoch} steps/epoch, {last_step} steps, recipe {cfg.recipe}"
+        )
+    stop = StopRequested()
+    flops_per_sample = training_flops_per_sample(model_config)
+    peak_tflops = cfg.peak_tflops or detect_peak_tflops()
+    samples_per_step = ds_config["train_batch_size"]
+    meter = TaskMeter()
+    bad_in_a_row, bad_total = 0, 0
+    window_start, data_wait = time.monotonic(), 0.0
+    window_steps = 0
+    phase = ""
+
+    def save(reason: str) -> None:
+        state = {
+            "step": step,
+            "batches_done": batches_done,
+            "epoch": batches_done / batches_per_epoch,
+            "reason": reason,
+            "config": dataclasses.asdict(cfg),
+        }
+        checkpoint.save(engine, checkpoint_dir, step, state, cfg.keep_last)
+        distributed.print0(f"checkpoint saved at step {step} ({reason})")
+
+    engine.train()
+    while step < last_step:
+        epoch, position = divmod(batches_done, batches_per_epoch)
+        batches = iter(data.train_batches(epoch, position))
+        while step < last_step and batches_done < (epoch + 1) * batches_per_epoch:
+            phase, task_weights = schedule.at(step)
+            waited = time.monotonic()
+            batch = _to_device(next(batches), engine.device)
+            data_wait += time.monotonic() - waited
+            output = engine(batch, task_weights)
+            batches_done += 1
+            flags = torch.tensor(
+                [0 if bool(torch.isfinite(output.total)) else 1, 1 if stop.signal_name else 0],
+                dtype=torch.int32,
+            )
+            if dist.is_initialized():
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags[0]:
+                # A non-finite loss on any rank: every rank drops this micro-batch (no backward, no step).
+                bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
+                distributed.print0(
+                    f"warning: non-finite loss at step {step} (skipped, {bad_in_a_row} in a row)"
+                )
+                monitor.scalars("train", {"skipped_nonfinite": bad_total}, step)
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    save("non-finite losses")
+                    distributed.print0(
+                        f"error: {bad_in_a_row} non-finite losses in a row at step {step}; stopped with the "
+                        f"last good weights saved in {checkpoint_dir}"
+                    )
+                    return EXIT_NONFINITE
+                continue
+            bad_in_a_row = 0
+            engine.backward(output.total)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            meter.add(output)
+            if not boundary:
+                continue
+            step += 1
+            window_steps += 1
+
+            if step % cfg.log_every == 0 or step == last_step:
+                losses, accuracies = meter.reduce()
+                elapsed = time.monotonic() - window_start
+                samples_per_s = window_steps * samples_per_step / elapsed
+                scalars = {
+                    "loss_total": sum(losses.values()),
+                    "lr": engine.get_lr()[0],
+                    "loss_scale": engine_setup.loss_scale(engine),
+                    "samples_per_s": samples_per_s,
+                    "data_wait_share": data_wait / elapsed,
+                    "epoch": batches_done / batches_per_epoch,
+                }
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    scalars["grad_norm"] = float(grad_norm)
+                if peak_tflops:
+                    per_device = samples_per_s * flops_per_sample / info.world_size
+                    scalars["mfu"] = per_device / (peak_tflops * 1e12)
+                monitor.scalars("train/loss", losses, step)
+                monitor.scalars("train/acc", accuracies, step)
+                monitor.scalars("train", scalars, step)
+                monitor.text("train/phase", phase, step)
+                monitor.progress(step, batches_done / batches_per_epoch, phase, losses, samples_per_s)
+                meter.reset()
+                window_start, data_wait, window_steps = time.monotonic(), 0.0, 0
+
+            if flags[1]:
+                save(f"signal {stop.signal_name or 'on another rank'}")
+                if info.is_main:
+                    (output_dir / REQUEUE_MARKER).write_text(f"step {step}\n")
+                monitor.close()
+                distributed.print0("stopping on signal: checkpoint saved, exiting for requeue")
+                return 0
+            epoch_end = batches_done % batches_per_epoch == 0
+            if step % cfg.save_every == 0 or epoch_end or step == last_step:
+                save("epoch end" if epoch_end else "periodic" if step < last_step else "final")
+            if data.has_validation and (
+                epoch_end or (cfg.valid_every and step % cfg.valid_every == 0) or step == last_step
+            ):
+                results = validate(engine, data, model_config, monitor, step, cfg.max_valid_batches)
+                distributed.print0(f"validation at step {step}: {json.dumps(results)}")
+                if info.is_main:
+                    with open(output_dir / "validation.jsonl", "a") as handle:
+                        handle.write(json.dumps({"step": step, **results}) + "\n")
+            monitor.flush()
+        if batches_done % batches_per_epoch:
+            break  # stopped mid-epoch at max_steps
+    if cfg.export:
+        tag = checkpoint.find_resume_tag(checkpoint_dir)
+        if info.is_main and tag is not None:
+            destination = checkpoint.export_fp32(checkpoint_dir, tag, output_dir / "export", model_config)
+            distributed.print0(f"exported fp32 weights of {tag} to {destination}")
+        if dist.is_initialized():
+            dist.barrier()
+    monitor.close()
+    if info.is_main:
+        (output_dir / REQUEUE_MARKER).unlink(missing_ok=True)
+    distributed.print0(f"done: {step} steps, {bad_total} skipped non-finite micro-batches")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"lxtrain/pretrain.py: error: {error}", file=sys.stderr)
+        return 2
+    info = distributed.init(cfg.collective_timeout_s)
+    try:
+        return run(cfg, info)
+    except (ValueError, FileNotFoundError, RuntimeError, engine_setup.ConfigError) as error:
+        # The same message on every rank that hits it; os._exit so no rank waits in a collective.
+        distributed.fail_all(str(error))
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
