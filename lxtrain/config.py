@@ -62,6 +62,8 @@ class PretrainConfig:
     """Stop (with a checkpoint of the last good state) after this many non-finite losses in a row."""
     zero_visual_input: bool = False
     """Control run: feed all-zero object features and boxes (a language-only baseline)."""
+    object_words: str | None = None
+    """Comma-separated words whose masked-LM accuracy is reported on its own (valid/acc/mlm_object_words)."""
     tokenizer: str | None = None
     """Path to a BERT vocab.txt (default: the offline BERT uncased vocabulary)."""
     peak_tflops: float | None = None
@@ -89,21 +91,41 @@ class PretrainConfig:
         if not Path(self.deepspeed_config).is_file():
             raise FileNotFoundError(f"--deepspeed_config {self.deepspeed_config}: no such file")
 
-    def model_config(self) -> LxmertConfig:
-        if self.model == "base":
-            return LxmertConfig()
-        if self.model == "small":
-            return LxmertConfig(
-                hidden_size=256,
-                num_attention_heads=4,
-                intermediate_size=1024,
-                num_language_layers=3,
-                num_object_layers=2,
-                num_cross_layers=2,
-            )
-        if self.model == "tiny":
-            return LxmertConfig.tiny()
-        return LxmertConfig.load(self.model)
+    def model_config(self, feature_dim: int | None = None, num_answers: int | None = None) -> LxmertConfig:
+        """The network for this run. Presets take the feature dimension and answer count from the
+        shards; a JSON config must agree with them (checked, with both values in the message)."""
+        data_sizes = {"visual_feature_dim": feature_dim, "num_qa_labels": num_answers}
+        data_sizes = {key: value for key, value in data_sizes.items() if value is not None}
+        if self.model in MODEL_PRESETS:
+            presets = {
+                "base": {},
+                "small": dict(
+                    hidden_size=256,
+                    num_attention_heads=4,
+                    intermediate_size=1024,
+                    num_language_layers=3,
+                    num_object_layers=2,
+                    num_cross_layers=2,
+                ),
+                "tiny": dict(
+                    hidden_size=64,
+                    num_attention_heads=4,
+                    intermediate_size=128,
+                    num_language_layers=2,
+                    num_object_layers=1,
+                    num_cross_layers=1,
+                    max_position_embeddings=64,
+                ),
+            }
+            return LxmertConfig(**presets[self.model], **data_sizes)
+        config = LxmertConfig.load(self.model)
+        for key, value in data_sizes.items():
+            if getattr(config, key) != value:
+                raise ValueError(
+                    f"--model {self.model}: {key} is {getattr(config, key)} but the training shards "
+                    f"({self.train_shards}) have {value}; make them agree"
+                )
+        return config
 
 
 def parse_args(argv: list[str] | None = None) -> PretrainConfig:

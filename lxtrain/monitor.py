@@ -5,6 +5,7 @@ Every method is a no-op on ranks other than 0, so the training loop calls them u
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Mapping
@@ -119,6 +120,12 @@ class Monitor:
             f"| {samples_per_s:.1f} samples/s | ETA {_format_seconds(eta)}",
             flush=True,
         )
+
+    def log_line(self, path: Path, record: Mapping) -> None:
+        """Append one JSON record (per-step losses: what resume tests and scripts read back)."""
+        if self.enabled:
+            with open(path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
 
     def flush(self) -> None:
         if self.writer is not None:

@@ -21,6 +21,7 @@ if __package__ in (None, ""):
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 
@@ -31,7 +32,8 @@ from lxtrain import batch as B  # noqa: E402
 from lxtrain import checkpoint, distributed  # noqa: E402
 from lxtrain import engine as engine_setup
 from lxtrain.config import PretrainConfig, parse_args  # noqa: E402
-from lxtrain.data.pipeline import PretrainData  # noqa: E402
+from lxtrain.data.loader import build_pretrain_loader, build_valid_loader  # noqa: E402
+from lxtrain.data.tokenizer import WordPieceEncoder  # noqa: E402
 from lxtrain.model import LxmertForPretraining  # noqa: E402
 from lxtrain.model.inspection import capture_cross_attention, language_to_vision_attention  # noqa: E402
 from lxtrain.monitor import Monitor, attention_heatmap, detect_peak_tflops, training_flops_per_sample  # noqa: E402
@@ -45,6 +47,10 @@ from lxtrain.tasks.schedule import TaskSchedule, load_phases  # noqa: E402
 
 REQUEUE_MARKER = "REQUEUE"
 EXIT_NONFINITE = 3
+# Fault injection for the fault-tolerance tests (never set in normal runs): kill this process
+# with SIGKILL right after optimiser step N, or replace the loss of micro-batch N with NaN.
+FAULT_SIGKILL_AT_STEP = "LXTRAIN_FAULT_SIGKILL_AT_STEP"
+FAULT_NAN_AT_BATCH = "LXTRAIN_FAULT_NAN_AT_BATCH"
 
 
 class StopRequested:
@@ -57,6 +63,55 @@ class StopRequested:
 
     def _handle(self, signum: int, frame: object) -> None:
         self.signal_name = signal.Signals(signum).name
+
+
+class PretrainData:
+    """The training and validation loaders of this rank, positioned by (epoch, batches done)."""
+
+    def __init__(self, cfg: PretrainConfig, micro_batch: int, rank: int, world_size: int) -> None:
+        common = dict(
+            batch_size=micro_batch,
+            rank=rank,
+            world_size=world_size,
+            seed=cfg.seed,
+            num_workers=cfg.num_workers,
+            tokenizer=cfg.tokenizer,
+            strict=cfg.strict_data,
+        )
+        self.train = build_pretrain_loader(cfg.train_shards, **common)
+        self.valid = build_valid_loader(cfg.valid_shards, **common) if cfg.valid_shards else None
+        self.encoder = WordPieceEncoder(cfg.tokenizer)
+        words = [w.strip() for w in (cfg.object_words or "").split(",") if w.strip()]
+        self.object_word_ids = sorted({i for w in words for i in self.encoder.encode([w])[0][0] if i > 103})
+        self.batches_per_epoch = len(self.train)
+
+    @property
+    def has_validation(self) -> bool:
+        return self.valid is not None
+
+    def train_batches(self, epoch: int, position: int):
+        self.train.load_state_dict({"epoch": epoch, "batches_consumed": position})
+        return self.train
+
+    def valid_batches(self, max_batches: int | None):
+        """Validation batches, the same count on every rank (shorter ranks repeat their last batch,
+        flagged False, so collective forwards under ZeRO-3 stay matched). Yields (batch, counts)."""
+        local = len(self.valid) if max_batches is None else min(len(self.valid), max_batches)
+        count = torch.tensor([local], dtype=torch.int64)
+        if dist.is_initialized():
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        last = None
+        for index, batch in enumerate(self.valid):
+            if index >= local:
+                break
+            last = batch
+            yield batch, True
+        for _ in range(int(count) - local):
+            yield last, False
+
+    def decode_tokens(self, ids: list[int]) -> list[str]:
+        backend = self.encoder._backend  # the tokenizers.Tokenizer behind the fast path
+        return [backend.id_to_token(i) or f"[{i}]" for i in ids]
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -97,8 +152,9 @@ class TaskMeter:
         return losses, accuracies
 
 
-def build_engine(cfg: PretrainConfig, world_size: int, total_steps: int):
-    model_config = cfg.model_config()
+def build_engine(cfg: PretrainConfig, data: PretrainData, world_size: int, total_steps: int):
+    index = data.train.index
+    model_config = cfg.model_config(feature_dim=index.feature_dim, num_answers=len(index.answers))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = LxmertForPretraining(model_config)
     normalizer = (
@@ -129,23 +185,35 @@ def validate(
     qa_by_source = torch.zeros(2, len(B.SENTENCE_SOURCE_NAMES), dtype=torch.float64)
     all_tasks = dict.fromkeys(TASKS, 1.0)
     device = engine.device
-    for index, batch in enumerate(data.valid_batches(max_batches)):
+    object_words = torch.tensor(data.object_word_ids, dtype=torch.int64)
+    object_word_hits = torch.zeros(2, dtype=torch.float64)
+    first_batch = attention = None
+    for batch, counted in data.valid_batches(max_batches):
         batch = _to_device(batch, device)
-        if index == 0:
+        if first_batch is None:
             with capture_cross_attention(engine.module.model) as captured:
                 output = engine(batch, all_tasks)
             attention = language_to_vision_attention(captured, model_config.num_attention_heads)
             first_batch = batch
         else:
             output = engine(batch, all_tasks)
+        if not counted:
+            continue
         meter.add(output)
-        labelled = batch[B.QA_LABELS] != -100
-        sources = batch[B.SENTENCE_SOURCES][labelled].cpu()
-        qa_by_source[0].index_add_(0, sources, output.qa_row_correct.double().cpu())
+        labels = batch[B.QA_LABELS].cpu()
+        sources = batch[B.SENTENCE_SOURCES].cpu()[labels != -100]
+        qa_by_source[0].index_add_(0, sources, output.row_correct["qa"].double().cpu())
         qa_by_source[1].index_add_(0, sources, torch.ones_like(sources, dtype=torch.float64))
+        mlm_labels = batch[B.MLM_LABELS].cpu()
+        is_object_word = torch.isin(mlm_labels[mlm_labels != -100], object_words)
+        object_word_hits[0] += output.row_correct["mlm"].cpu()[is_object_word].sum()
+        object_word_hits[1] += is_object_word.sum()
     losses, accuracies = meter.reduce()
     if dist.is_initialized():
         dist.all_reduce(qa_by_source)
+        dist.all_reduce(object_word_hits)
+    if object_word_hits[1] > 0:
+        accuracies["mlm_object_words"] = float(object_word_hits[0] / object_word_hits[1])
     qa_sources = {
         name: float(qa_by_source[0, i] / qa_by_source[1, i])
         for i, name in enumerate(B.SENTENCE_SOURCE_NAMES)
@@ -154,7 +222,7 @@ def validate(
     monitor.scalars("valid/loss", losses, step)
     monitor.scalars("valid/acc", accuracies, step)
     monitor.scalars("valid/qa_acc", qa_sources, step)
-    if monitor.enabled and "first_batch" in locals():
+    if monitor.enabled and first_batch is not None:
         _log_attention(monitor, data, attention, first_batch, step)
     engine.train()
     return {"loss": losses, "acc": accuracies, "qa_acc_by_source": qa_sources}
@@ -201,7 +269,7 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo) -> int:
             raise FileNotFoundError(f"--resume {cfg.resume}: not a complete lxtrain checkpoint directory")
         resume_dir, resume_tag = resume_path.parent, resume_path.name
 
-    engine, model_config, ds_config = build_engine(cfg, info.world_size, total_steps)
+    engine, model_config, ds_config = build_engine(cfg, data, info.world_size, total_steps)
     step, batches_done = 0, 0
     if resume_tag is not None:
         state = checkpoint.load(engine, resume_dir, resume_tag)
@@ -254,6 +322,8 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo) -> int:
             batch = _to_device(next(batches), engine.device)
             data_wait += time.monotonic() - waited
             output = engine(batch, task_weights)
+            if os.environ.get(FAULT_NAN_AT_BATCH) == str(batches_done):
+                output.total = output.total * float("nan")
             batches_done += 1
             flags = torch.tensor(
                 [0 if bool(torch.isfinite(output.total)) else 1, 1 if stop.signal_name else 0],
@@ -309,6 +379,9 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo) -> int:
                 monitor.scalars("train", scalars, step)
                 monitor.text("train/phase", phase, step)
                 monitor.progress(step, batches_done / batches_per_epoch, phase, losses, samples_per_s)
+                monitor.log_line(
+                    output_dir / "train_log.jsonl", {"step": step, "phase": phase, "loss": losses}
+                )
                 meter.reset()
                 window_start, data_wait, window_steps = time.monotonic(), 0.0, 0
 
@@ -319,6 +392,8 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo) -> int:
                 monitor.close()
                 distributed.print0("stopping on signal: checkpoint saved, exiting for requeue")
                 return 0
+            if os.environ.get(FAULT_SIGKILL_AT_STEP) == str(step):
+                os.kill(os.getpid(), signal.SIGKILL)
             epoch_end = batches_done % batches_per_epoch == 0
             if step % cfg.save_every == 0 or epoch_end or step == last_step:
                 save("epoch end" if epoch_end else "periodic" if step < last_step else "final")

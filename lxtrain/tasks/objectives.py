@@ -40,7 +40,8 @@ class ObjectiveOutput:
     total: torch.Tensor
     correct: dict[str, torch.Tensor]  # number of correct predictions per task with an accuracy
     counts: dict[str, torch.Tensor]  # number of labelled items behind each accuracy
-    qa_row_correct: torch.Tensor | None = None  # (N,) bool, per QA-labelled row in batch order
+    row_correct: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    """Per labelled item (bool, N) for mlm / match / qa, in the order of ``labels[labels != IGNORE]``."""
 
     def accuracies(self) -> dict[str, float]:
         """Accuracy per task on this batch; tasks with no labelled item are left out."""
@@ -101,7 +102,7 @@ def pretraining_objectives(
     losses: dict[str, torch.Tensor] = {}
     correct: dict[str, torch.Tensor] = {}
     counts: dict[str, torch.Tensor] = {}
-    qa_row_correct = None
+    row_correct: dict[str, torch.Tensor] = {}
 
     if "mlm" in task_weights:
         # The (N, V) vocabulary projection runs on masked positions only: same loss as the dense
@@ -112,20 +113,19 @@ def pretraining_objectives(
         losses["mlm"], rows_correct, counts["mlm"] = _labelled_cross_entropy(
             out.language, batch[B.MLM_LABELS], mlm_head
         )
-        correct["mlm"] = rows_correct.sum()
+        correct["mlm"], row_correct["mlm"] = rows_correct.sum(), rows_correct
 
     if "match" in task_weights:
         losses["match"], rows_correct, counts["match"] = _labelled_cross_entropy(
             out.pooled, batch[B.MATCHED_LABELS], model.matching_head
         )
-        correct["match"] = rows_correct.sum()
+        correct["match"], row_correct["match"] = rows_correct.sum(), rows_correct
 
     if "qa" in task_weights:
         losses["qa"], rows_correct, counts["qa"] = _labelled_cross_entropy(
             out.pooled, batch[B.QA_LABELS], model.answer_head
         )
-        correct["qa"] = rows_correct.sum()
-        qa_row_correct = rows_correct
+        correct["qa"], row_correct["qa"] = rows_correct.sum(), rows_correct
 
     visual_tasks = [task for task in ("obj", "attr", "feat") if task in task_weights]
     if visual_tasks:
@@ -157,7 +157,7 @@ def pretraining_objectives(
 
     total = sum(task_weights[task] * loss for task, loss in losses.items())
     return ObjectiveOutput(
-        losses=losses, total=total, correct=correct, counts=counts, qa_row_correct=qa_row_correct
+        losses=losses, total=total, correct=correct, counts=counts, row_correct=row_correct
     )
 
 

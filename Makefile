@@ -1,0 +1,21 @@
+# The commands the README documents. Python is whatever `python3` is on PATH.
+PYTHON ?= python3
+
+.PHONY: install demo test test-all lint
+
+install:  ## CPU install: the pinned CPU torch first (a plain `torch` pulls a multi-GB CUDA build)
+	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e ".[dev]"
+
+demo: install  ## synthetic corpus -> shards -> a few minutes of DeepSpeed pre-training on CPU -> summary
+	$(PYTHON) -m lxtrain.demo
+
+test:  ## the test suite CI runs (Slurm tests run when .ci/slurm_cluster.sh has started the local cluster)
+	$(PYTHON) -m pytest -q -m "not slow and not gpu"
+
+test-all:  ## everything, the full-size checks included
+	$(PYTHON) -m pytest -q
+
+lint:
+	$(PYTHON) -m ruff check lxtrain tests bench
+	$(PYTHON) -m ruff format --check lxtrain tests bench
