@@ -17,5 +17,5 @@ test-all:  ## everything, the full-size checks included
 	$(PYTHON) -m pytest -q
 
 lint:
-	$(PYTHON) -m ruff check lxtrain tests bench
+	$(PYTHON) -m ruff check lxtrain tests bench slurm
 	$(PYTHON) -m ruff format --check lxtrain tests bench

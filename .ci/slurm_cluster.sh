@@ -25,6 +25,10 @@ VETH=(lxs1 lxs2)
 CLIENTS=(sbatch srun salloc sinfo squeue scontrol scancel sstat sattach)
 START_TIMEOUT=${LXTRAIN_SLURM_START_TIMEOUT:-60}
 
+# The wrappers this script writes must never find themselves: resolve tools on the system path only.
+SYSTEM_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH=$SYSTEM_PATH:$PATH
+
 log() { echo "slurm_cluster: $*" >&2; }
 die() {
     log "ERROR: $*"
@@ -68,8 +72,10 @@ ensure_munge() {
     chmod 700 /etc/munge
     chmod 400 "$key"
     mkdir -p /run/munge /var/log/munge /var/lib/munge
-    chown munge:munge /run/munge /var/log/munge /var/lib/munge
-    munged --force || die "munged failed to start (see /var/log/munge/munged.log)"
+    chown -R munge:munge /run/munge /var/log/munge /var/lib/munge
+    # As the munge user, like Debian's service unit (as root munged needs --force and warns).
+    runuser -u munge -- munged || munged --force ||
+        die "munged failed to start (see /var/log/munge/munged.log)"
     touch "$STATE/munged.started-by-us"
     local i
     for i in $(seq 50); do
@@ -107,6 +113,10 @@ ClusterName=lxtrain
 SlurmctldHost=$(hostname -s)($(node_addr 0))
 SlurmUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire+1 s before it may start again (120 s by default): short for CI.
+AuthInfo=cred_expire=5
+SchedulerParameters=sched_interval=2
+MailProg=/bin/true
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -138,7 +148,7 @@ EOF
 write_client_env() {
     local cmd real
     for cmd in "${CLIENTS[@]}"; do
-        real=$(command -v "$cmd") || continue
+        real=$(PATH=$SYSTEM_PATH command -v "$cmd") || continue
         # Enter node1's namespace only from outside the cluster's namespaces: inside a job
         # (on either node) the client must use that node's own network.
         cat >"$STATE/bin/$cmd" <<EOF
@@ -240,12 +250,14 @@ stop() {
         rm -f "$STATE/munged.started-by-us"
     fi
     # Logs stay for post-mortems; everything else goes.
-    rm -rf "$STATE/ctld" "$STATE"/spool-* "$STATE/bin" "$ENV_FILE" "$CONF"
+    rm -rf "${STATE:?}/ctld" "$STATE"/spool-* "${STATE:?}/bin" "$ENV_FILE" "$CONF"
     log "stopped"
 }
 
 status() {
-    [[ -f $CONF ]] && daemons_alive || die "cluster not running"
+    if [[ ! -f $CONF ]] || ! daemons_alive; then
+        die "cluster not running"
+    fi
     SLURM_CONF=$CONF in_ns 0 sinfo -N
     nodes_ready || die "nodes not ready"
 }

