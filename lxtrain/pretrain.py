@@ -51,6 +51,12 @@ EXIT_NONFINITE = 3
 # with SIGKILL right after optimiser step N, or replace the loss of micro-batch N with NaN.
 FAULT_SIGKILL_AT_STEP = "LXTRAIN_FAULT_SIGKILL_AT_STEP"
 FAULT_NAN_AT_BATCH = "LXTRAIN_FAULT_NAN_AT_BATCH"
+FAULT_RANK = "LXTRAIN_FAULT_RANK"  # restrict the faults above to this rank (default: every rank)
+
+
+def _fault_here(variable: str, value: int, rank: int) -> bool:
+    target_rank = os.environ.get(FAULT_RANK)
+    return os.environ.get(variable) == str(value) and (target_rank is None or target_rank == str(rank))
 
 
 class StopRequested:
@@ -321,7 +327,7 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopReques
             batch = _to_device(next(batches), engine.device)
             data_wait += time.monotonic() - waited
             output = engine(batch, task_weights)
-            if os.environ.get(FAULT_NAN_AT_BATCH) == str(batches_done):
+            if _fault_here(FAULT_NAN_AT_BATCH, batches_done, info.rank):
                 output.total = output.total * float("nan")
             batches_done += 1
             flags = torch.tensor(
@@ -329,7 +335,13 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopReques
                 dtype=torch.int32,
             )
             if dist.is_initialized():
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                try:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                except Exception as error:  # gloo/nccl raise when a peer process is gone
+                    distributed.fail_all(
+                        f"rank {info.rank}: lost contact with another rank at step {step} ({error}); "
+                        f"it has most likely died: see its log. Resume with --resume auto."
+                    )
             if flags[0]:
                 # A non-finite loss on any rank: every rank drops this micro-batch (no backward, no step).
                 bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
@@ -391,7 +403,7 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopReques
                 monitor.close()
                 distributed.print0("stopping on signal: checkpoint saved, exiting for requeue")
                 return 0
-            if os.environ.get(FAULT_SIGKILL_AT_STEP) == str(step):
+            if _fault_here(FAULT_SIGKILL_AT_STEP, step, info.rank):
                 os.kill(os.getpid(), signal.SIGKILL)
             epoch_end = batches_done % batches_per_epoch == 0
             if step % cfg.save_every == 0 or epoch_end or step == last_step:

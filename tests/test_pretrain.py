@@ -169,3 +169,19 @@ def test_bad_input_fails_before_training_with_a_clear_message(corpus, tmp_path, 
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_a_dead_rank_stops_the_job_in_bounded_time_naming_it(corpus, tmp_path):
+    import time
+
+    started = time.monotonic()
+    result = run_pretrain(
+        corpus, tmp_path, "--max-steps", "6", "--no-export", "--collective-timeout-s", "60",
+        env={"LXTRAIN_FAULT_SIGKILL_AT_STEP": "2", "LXTRAIN_FAULT_RANK": "1"}, port=29617, timeout=300,
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    log = result.stdout + result.stderr
+    # The launcher (or the surviving rank) names the process that died.
+    assert "--local_rank=1" in log or "rank 1" in log, log[-3000:]
+    assert elapsed < 240
