@@ -31,6 +31,7 @@ import gc
 import logging
 import math
 import multiprocessing
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,10 +75,10 @@ class LoaderConfig:
         prefetch_factor: batches prefetched per worker.
         in_process: run the ``num_workers`` worker roles round-robin in this process instead of
             in worker processes: the same batches in the same order (tests, debugging).
-        shared_buffers: workers write the two (B, O, D) feature tensors into a ring of
-            ``prefetch_factor + 2`` shared-memory buffers allocated once, instead of new tensors
-            that the data loader copies into fresh shared memory per batch (~150 ms per 75 MB
-            tensor here: the largest cost of a worker). A batch's feature tensors are then
+        shared_buffers: workers write batches into a ring of ``prefetch_factor + 2``
+            shared-memory batches allocated once per epoch, instead of new tensors that the data
+            loader copies into fresh shared memory per batch (~150 ms per (256, 36, 2048)
+            float32 tensor here: the largest cost of a worker). A batch's tensors are then
             overwritten ``2 x num_workers`` batches later: safe with ``pin_memory`` (batches are
             copied to pinned memory on arrival) or a loop that does not keep batches; None
             (default) turns it on exactly when ``pin_memory`` is on.
@@ -259,12 +260,15 @@ class PretrainStream(IterableDataset):
         for number in range(done, total):
             picks, candidates = buffer.take(config.batch_size, source.get)
             if not picks:
+                if not config.drop_last:
+                    return  # validation: corrupt samples only make the pass shorter
                 raise DataError(f"rank {self.rank} worker {role}: no readable image left in its shards")
             rng = np.random.default_rng([config.seed, self.epoch, slot, _CONTENT, number])
             buffers = None
             if ring is not None:
                 if ring[number % len(ring)] is None:
-                    ring[number % len(ring)] = self._shared_pair()
+                    spec = builder.batch_spec(config.batch_size)
+                    ring[number % len(ring)] = {key: _shared_tensor(*spec[key]) for key in spec}
                 buffers = ring[number % len(ring)]
             yield builder.build(picks, candidates, plan, rng, buffers)
 
@@ -283,13 +287,9 @@ class PretrainStream(IterableDataset):
             return None  # no worker process: nothing crosses a process boundary
         return [None] * (config.prefetch_factor + 2)
 
-    def _shared_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (self.config.batch_size, self.index.boxes_per_image, self.index.feature_dim)
-        return _shared_tensor(shape), _shared_tensor(shape)
 
-
-def _shared_tensor(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised float32 tensor in shared memory.
+def _shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in shared memory.
 
     ``UntypedStorage._new_shared`` (what torch.multiprocessing uses) allocates the shared
     segment directly, about twice as fast as ``torch.empty(...).share_memory_()``, which first
@@ -298,9 +298,9 @@ def _shared_tensor(shape: tuple[int, ...]) -> torch.Tensor:
     count = math.prod(shape)
     new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
     if new_shared is None:
-        return torch.empty(shape).share_memory_()
-    storage = new_shared(count * 4)
-    return torch.empty(0, dtype=torch.float32).set_(storage, 0, (count,)).view(shape)
+        return torch.empty(shape, dtype=dtype).share_memory_()
+    storage = new_shared(count * torch.empty((), dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage, 0, (count,)).view(shape)
 
 
 def _placeholder(position: int) -> bool:
@@ -323,6 +323,12 @@ class PretrainLoader:
         self._corrupt = multiprocessing.get_context("fork").Value("q", 0)
         self.dataset = PretrainStream(index, config, rank, world_size, self._corrupt)
         self.fixed_epoch = fixed_epoch
+        if config.buffer_images < config.batch_size:
+            log.warning(
+                "buffer_images %d < batch_size %d: batches will repeat images",
+                config.buffer_images,
+                config.batch_size,
+            )
         self.epoch = 0
         self.batches_consumed = 0
         if config.drop_last and len(self) == 0:
@@ -378,7 +384,7 @@ class PretrainLoader:
         for batch in self._batches():
             self.batches_consumed += 1
             yield batch
-        if self.batches_consumed != total:
+        if self.config.drop_last and self.batches_consumed != total:
             raise DataError(f"rank {self.dataset.rank}: got {self.batches_consumed} batches, planned {total}")
         self._advance()
 
@@ -397,18 +403,27 @@ class PretrainLoader:
                     else:
                         yield batch
             return
-        yield from DataLoader(
+        workers = 0 if config.in_process else config.num_workers
+        loader = DataLoader(
             self.dataset,
             batch_size=None,
-            num_workers=0 if config.in_process else config.num_workers,
+            num_workers=workers,
             pin_memory=config.pin_memory,
-            prefetch_factor=config.prefetch_factor if config.num_workers and not config.in_process else None,
-            multiprocessing_context="fork" if config.num_workers and not config.in_process else None,
+            prefetch_factor=config.prefetch_factor if workers else None,
+            multiprocessing_context="fork" if workers else None,
             # Workers seed themselves from (seed, epoch, rank, worker); a private generator keeps
             # DataLoader's own base-seed draw off the global torch RNG, which drives dropout and
             # must continue exactly after a resume.
             generator=torch.Generator(),
         )
+        shared = config.pin_memory if config.shared_buffers is None else config.shared_buffers
+        # Holding the ring's recent batches keeps their shared segments mapped in this process:
+        # torch then recognises each arriving buffer and reuses the mapping instead of mapping
+        # (and page-faulting) it afresh for every batch. It costs no memory: the ring exists anyway.
+        recent: deque = deque(maxlen=(config.prefetch_factor + 2) * workers if shared and workers else 0)
+        for batch in loader:
+            recent.append(batch)
+            yield batch
 
     def _advance(self) -> None:
         self.batches_consumed = 0

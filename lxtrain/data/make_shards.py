@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -34,10 +35,7 @@ from lxtrain.data.answers import AnswerTable, load_answer_table
 from lxtrain.data.obj36 import TsvLineError, parse_line
 from lxtrain.data.problems import MAX_KEPT_MESSAGES, DataError, ProblemLog
 from lxtrain.data.sentences import load_sentences
-from lxtrain.data.shard_format import ShardWriter, encode_sample
-
-INDEX_NAME = "index.json"
-INDEX_FORMAT = "lxtrain-shards/1"
+from lxtrain.data.shard_format import INDEX_FORMAT, INDEX_NAME, ShardWriter, encode_sample
 
 
 @dataclass
@@ -50,7 +48,8 @@ class ConvertConfig:
         answers: ``all_ans.json``.
         out: output directory for shards and ``index.json``.
         name: shard name prefix (``NAME-000000.tar``).
-        shard_size: target images per shard (the last range of each TSV file may hold fewer).
+        shard_size: images per shard, approximately: each TSV file is cut into equal byte ranges
+            of at most about this many lines, so shards of one file differ by a few images.
         workers: conversion processes on this machine (per MPI rank under mpirun).
         qa_sets: QA datasets whose answers and labels are kept (the reference's filter).
         strict: stop at the first bad input instead of counting it.
@@ -135,7 +134,7 @@ def _plan_tasks(tsv_paths: Sequence[Path], shard_size: int) -> list[_ShardTask]:
             continue
         with open(path, "rb") as handle:
             line_bytes = max(len(handle.readline()), 1)
-        count = max(1, round(size / (line_bytes * shard_size)))
+        count = max(1, math.ceil(size / (line_bytes * shard_size)))
         bounds = [size * i // count for i in range(count + 1)]
         tasks.extend(_ShardTask(len(tasks), path, lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False))
     return tasks

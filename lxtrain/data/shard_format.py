@@ -33,6 +33,8 @@ from lxtrain.data.obj36 import RegionFeatures
 ARRAY_MEMBERS = ("features", "boxes", "objects_id", "objects_conf", "attrs_id", "attrs_conf")
 MEMBER_SUFFIXES = tuple(f"{name}.npy" for name in ARRAY_MEMBERS) + ("json",)
 KEY_DIGITS = 6
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "lxtrain-shards/1"
 
 
 class CorruptSampleError(ValueError):
@@ -80,7 +82,38 @@ def encode_sample(regions: RegionFeatures, sentences: list[dict]) -> dict[str, b
     return members
 
 
-def decode_sample(members: dict[str, bytes], where: str) -> ImageSample:
+_NPY_MAGIC = b"\x93NUMPY\x01\x00"
+_npy_headers: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
+
+
+def load_npy(data: bytes | bytearray) -> np.ndarray:
+    """Decode npy bytes without pickle; a zero-copy view for the version-1 headers we write.
+
+    ``np.load`` spends ~200 us per array parsing the header with ``ast.literal_eval``; every
+    sample of a shard has the same few headers, so parsed headers are cached by their bytes.
+    """
+    if data[:8] == _NPY_MAGIC:
+        end = 10 + int.from_bytes(data[8:10], "little")
+        header = bytes(data[:end])
+        parsed = _npy_headers.get(header)
+        if parsed is None:
+            stream = io.BytesIO(data)
+            np.lib.format.read_magic(stream)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+            if dtype.hasobject or fortran:
+                raise ValueError("object or Fortran-ordered arrays are not allowed in shards")
+            parsed = (dtype, shape, end)
+            if len(_npy_headers) < 4096:
+                _npy_headers[header] = parsed
+        dtype, shape, offset = parsed
+        count = int(np.prod(shape, dtype=np.int64))
+        if len(data) - offset != count * dtype.itemsize:
+            raise ValueError(f"{len(data) - offset} data bytes for shape {shape} {dtype}")
+        return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def decode_sample(members: dict[str, bytes | bytearray], where: str) -> ImageSample:
     """Decode a sample's members; ``where`` (shard and key) goes into every error message."""
     missing = [suffix for suffix in MEMBER_SUFFIXES if suffix not in members]
     if missing:
@@ -88,7 +121,7 @@ def decode_sample(members: dict[str, bytes], where: str) -> ImageSample:
     arrays = {}
     for name in ARRAY_MEMBERS:
         try:
-            arrays[name] = np.load(io.BytesIO(members[f"{name}.npy"]), allow_pickle=False)
+            arrays[name] = load_npy(members[f"{name}.npy"])
         except (ValueError, OSError, EOFError) as error:
             raise CorruptSampleError(f"{where}.{name}.npy: cannot decode ({error})") from None
     try:
@@ -148,18 +181,11 @@ class ShardWriter:
             self.abort()
 
 
-def iter_shard(
-    path: str | Path, start: int = 0, stop: int | None = None
-) -> Iterator[tuple[int, dict[str, bytes] | CorruptSampleError]]:
-    """Yield ``(position, members)`` for samples ``start <= position < stop`` of one shard.
-
-    Samples before ``start`` are skipped by seeking past their data, so a reader that owns the
-    second half of a shard does not read the first. A sample that cannot be read is yielded as
-    a :class:`CorruptSampleError` (naming shard and member) in place of its members; after a
-    read error the rest of the shard is unreadable and iteration ends there (callers compare
-    the positions they got with the index to count what went missing).
-    """
-    name = Path(path).name
+def _iter_shard_tarfile(
+    path: Path, start: int, stop: int | None
+) -> Iterator[tuple[int, dict[str, bytearray] | CorruptSampleError]]:
+    """The general reader (any tar dialect) behind :func:`iter_shard`'s fast path."""
+    name = path.name
     try:
         tar = tarfile.open(path, "r:")  # noqa: SIM115 (closed by the `with tar` below)
     except (tarfile.TarError, OSError) as error:
@@ -181,7 +207,7 @@ def iter_shard(
             if info is None:
                 break
             key, _, suffix = info.name.partition(".")
-            if not key.isdigit():
+            if not key.isdigit() or not info.isfile():
                 continue
             position = int(key)
             if position < start:
@@ -194,12 +220,110 @@ def iter_shard(
                 current, members = position, {}
             try:
                 handle = tar.extractfile(info)
-                data = handle.read() if handle is not None else b""
+                data = bytearray(handle.read()) if handle is not None else bytearray()
                 if len(data) != info.size:
                     raise tarfile.ReadError("unexpected end of data")
             except (tarfile.TarError, OSError, EOFError) as error:
                 yield position, CorruptSampleError(f"{name}: member {info.name}: {error}")
                 return
             members[suffix] = data
+    if current is not None:
+        yield current, members
+
+
+class _UnsupportedHeader(Exception):
+    """A tar header the fast reader does not handle (pax, GNU long names): use tarfile."""
+
+
+_BLOCK = 512
+
+
+def _parse_header(header: bytes) -> tuple[str, int, bytes]:
+    """(name, size, type flag) of a ustar header; ValueError if its checksum is wrong."""
+    stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+    if stored != sum(header[:148]) + 256 + sum(header[156:]):  # checksum field counts as spaces
+        raise ValueError("bad header checksum")
+    name = header[:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+    if prefix:
+        name = prefix + b"/" + name
+    size_field = header[124:136]
+    if size_field[0] & 0x80:
+        raise _UnsupportedHeader("base-256 size")
+    size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+    return name.decode("utf-8"), size, header[156:157]
+
+
+def iter_shard(
+    path: str | Path, start: int = 0, stop: int | None = None
+) -> Iterator[tuple[int, dict[str, bytearray] | CorruptSampleError]]:
+    """Yield ``(position, members)`` for samples ``start <= position < stop`` of one shard.
+
+    Samples before ``start`` are skipped by seeking past their data, so a reader that owns the
+    second half of a shard does not read the first. A sample that cannot be read is yielded as
+    a :class:`CorruptSampleError` (naming shard and member) in place of its members; after a
+    read error the rest of the shard is unreadable and iteration ends there (callers compare
+    the positions they got with the index to count what went missing).
+
+    Plain ustar members (what :class:`ShardWriter` writes) are parsed here directly, about ten
+    times faster than :mod:`tarfile`; any other header hands the rest of the shard to tarfile.
+    """
+    path = Path(path)
+    name = path.name
+    current: int | None = None
+    members: dict[str, bytearray] = {}
+    try:
+        handle = open(path, "rb", buffering=1 << 20)  # noqa: SIM115 (closed in the finally below)
+    except OSError as error:
+        yield start, CorruptSampleError(f"{name}: cannot open ({error})")
+        return
+    try:
+        while True:
+            header = handle.read(_BLOCK)
+            if len(header) < _BLOCK or header == bytes(_BLOCK):
+                if header and len(header) < _BLOCK:
+                    where = f"after sample {sample_key(current)}" if current is not None else "header"
+                    yield (
+                        (current if current is not None else start),
+                        CorruptSampleError(f"{name}: {where}: unexpected end of data"),
+                    )
+                    return
+                break
+            try:
+                member, size, kind = _parse_header(header)
+                if kind not in (b"0", b"\0", b"5"):
+                    raise _UnsupportedHeader(f"type {kind!r}")
+            except _UnsupportedHeader:
+                resume_at = current if current is not None else start
+                yield from _iter_shard_tarfile(path, resume_at, stop)
+                return
+            except ValueError as error:
+                where = f"after sample {sample_key(current)}" if current is not None else "first header"
+                yield (
+                    (current if current is not None else start),
+                    CorruptSampleError(f"{name}: {where}: {error}"),
+                )
+                return
+            padded = -(-size // _BLOCK) * _BLOCK
+            key, _, suffix = member.partition(".")
+            position = int(key) if key.isdigit() and kind != b"5" else -1
+            if position < start:
+                handle.seek(padded, os.SEEK_CUR)
+                continue
+            if stop is not None and position >= stop:
+                break
+            if position != current:
+                if current is not None:
+                    yield current, members
+                current, members = position, {}
+            # A bytearray, so decoded arrays are writable views (torch.from_numpy needs that).
+            data = bytearray(size)
+            if handle.readinto(data) < size:
+                yield position, CorruptSampleError(f"{name}: member {member}: unexpected end of data")
+                return
+            handle.seek(padded - size, os.SEEK_CUR)
+            members[suffix] = data
+    finally:
+        handle.close()
     if current is not None:
         yield current, members
