@@ -106,15 +106,21 @@ def load(engine, directory: Path, tag: str) -> dict[str, Any]:
         state = json.loads((path / STATE).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise RuntimeError(f"{path / STATE}: unreadable checkpoint state ({error})") from None
-    loaded, _ = engine.load_checkpoint(
-        str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if loaded is None:
-        raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    rng_file = path / f"rng_rank{rank}.pt"
-    if rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+    try:
+        loaded, _ = engine.load_checkpoint(
+            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        rng_file = path / f"rng_rank{rank}.pt"
+        if rng_file.exists():
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+    except Exception as error:  # truncated or corrupt files surface as many exception types
+        raise RuntimeError(
+            f"{path}: unreadable checkpoint ({type(error).__name__}: {error}); move it aside to resume "
+            "from the previous one, or pass --resume PATH / --resume none"
+        ) from error
+    if loaded is None:
+        raise RuntimeError(f"{path}: DeepSpeed found no checkpoint to load in this directory")
     return state
 
 

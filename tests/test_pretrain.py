@@ -24,9 +24,21 @@ pytestmark = pytest.mark.multiproc
 def corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus")
     subprocess.run(
-        [sys.executable, "-m", "lxtrain.data.synthetic", "--out", str(out), "--images", "64",
-         "--feature-dim", "32", "--shards"],
-        check=True, capture_output=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "lxtrain.data.synthetic",
+            "--out",
+            str(out),
+            "--images",
+            "64",
+            "--feature-dim",
+            "32",
+            "--shards",
+        ],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
     )
     return out / "shards"
 
@@ -38,25 +50,58 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_pretrain(
-    corpus: Path, output: Path, *args: str, ranks: int = 2, config: str = "cpu_tiny.json",
-    launcher: str = "deepspeed", env: dict[str, str] | None = None, port: int = 29610, timeout: float = 420,
+    corpus: Path,
+    output: Path,
+    *args: str,
+    ranks: int = 2,
+    config: str = "cpu_tiny.json",
+    launcher: str = "deepspeed",
+    env: dict[str, str] | None = None,
+    port: int = 29610,
+    timeout: float = 420,
 ) -> subprocess.CompletedProcess:
     flags = [
-        "--deepspeed_config", str(REPO / "ds_configs" / config), "--train-shards", str(corpus / "train"),
-        "--valid-shards", str(corpus / "valid"), "--output-dir", str(output), "--model", "tiny",
-        "--num-workers", "1", "--log-every", "1", "--max-valid-batches", "2", *args,
+        "--deepspeed_config",
+        str(REPO / "ds_configs" / config),
+        "--train-shards",
+        str(corpus / "train"),
+        "--valid-shards",
+        str(corpus / "valid"),
+        "--output-dir",
+        str(output),
+        "--model",
+        "tiny",
+        "--num-workers",
+        "1",
+        "--log-every",
+        "1",
+        "--max-valid-batches",
+        "2",
+        *args,
     ]
     if launcher == "deepspeed":
         command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), ENTRY, *flags]
     elif launcher == "mpirun":
-        command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(ranks),
-                   "-x", f"MASTER_PORT={port}", "-x", "PYTHONPATH", "-x", "PATH",
-                   sys.executable, ENTRY, *flags]
+        command = [
+            "mpirun",
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            str(ranks),
+            "-x",
+            f"MASTER_PORT={port}",
+            "-x",
+            "PYTHONPATH",
+            "-x",
+            "PATH",
+            sys.executable,
+            ENTRY,
+            *flags,
+        ]
     else:
         command = [sys.executable, ENTRY, *flags]
-    return subprocess.run(
-        command, capture_output=True, text=True, cwd=REPO, env=_env(env), timeout=timeout
-    )
+        env = {"MASTER_PORT": str(port), **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_env(env), timeout=timeout)
 
 
 def step_losses(output: Path) -> dict[int, dict[str, float]]:
@@ -99,8 +144,17 @@ def test_tensorboard_holds_the_promised_tags(straight_run):
     scalars = set(events.Tags()["scalars"])
     expected = {f"train/loss/{task}" for task in ("mlm", "match", "obj", "attr", "feat")}
     expected |= {f"train/acc/{task}" for task in ("mlm", "match", "obj", "attr")}
-    expected |= {"train/loss_total", "train/lr", "train/grad_norm", "train/loss_scale", "train/samples_per_s",
-                 "train/data_wait_share", "valid/loss/qa", "valid/acc/qa", "valid/loss/mlm"}
+    expected |= {
+        "train/loss_total",
+        "train/lr",
+        "train/grad_norm",
+        "train/loss_scale",
+        "train/samples_per_s",
+        "train/data_wait_share",
+        "valid/loss/qa",
+        "valid/acc/qa",
+        "valid/loss/mlm",
+    }
     assert expected <= scalars, expected - scalars
     assert any(tag.startswith("valid/qa_acc/") for tag in scalars)
     assert "attention/language_to_vision" in events.Tags()["images"]
@@ -119,12 +173,24 @@ def test_zero_stages_follow_the_same_trajectory(corpus, straight_run, tmp_path, 
 
 def test_resume_after_kill_is_exact(corpus, straight_run, tmp_path):
     killed = run_pretrain(
-        corpus, tmp_path, "--max-steps", "6", "--save-every", "2", "--no-export",
-        env={"LXTRAIN_FAULT_SIGKILL_AT_STEP": "5"}, port=29613,
+        corpus,
+        tmp_path,
+        "--max-steps",
+        "6",
+        "--save-every",
+        "2",
+        "--no-export",
+        env={"LXTRAIN_FAULT_SIGKILL_AT_STEP": "5"},
+        port=29613,
     )
     assert killed.returncode != 0
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step*")) == ["step00000002", "step00000004"]
-    resumed = run_pretrain(corpus, tmp_path, "--max-steps", "6", "--resume", "auto", "--no-export", port=29614)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step*")) == [
+        "step00000002",
+        "step00000004",
+    ]
+    resumed = run_pretrain(
+        corpus, tmp_path, "--max-steps", "6", "--resume", "auto", "--no-export", port=29614
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "step00000004" in resumed.stdout
     reference, losses = step_losses(straight_run), step_losses(tmp_path)
@@ -142,8 +208,17 @@ def test_mpirun_launch(corpus, tmp_path):
 
 def test_nonfinite_losses_are_skipped_then_stop_with_a_checkpoint(corpus, tmp_path):
     result = run_pretrain(
-        corpus, tmp_path, "--max-steps", "6", "--max-bad-steps", "1", "--no-export", ranks=1, launcher="python",
-        env={"LXTRAIN_FAULT_NAN_AT_BATCH": "3"}, port=29616,
+        corpus,
+        tmp_path,
+        "--max-steps",
+        "6",
+        "--max-bad-steps",
+        "1",
+        "--no-export",
+        ranks=1,
+        launcher="python",
+        env={"LXTRAIN_FAULT_NAN_AT_BATCH": "3"},
+        port=29616,
     )
     assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
     assert "non-finite" in result.stdout
@@ -161,11 +236,25 @@ def test_nonfinite_losses_are_skipped_then_stop_with_a_checkpoint(corpus, tmp_pa
 )
 def test_bad_input_fails_before_training_with_a_clear_message(corpus, tmp_path, change, message):
     train = corpus / "train" if "train" not in change else tmp_path / change["train"]
-    flags = ["--deepspeed_config", str(REPO / "ds_configs" / change.get("config", "cpu_tiny.json")),
-             "--train-shards", str(train), "--output-dir", str(tmp_path / "out"), "--model", "tiny",
-             *change.get("args", [])]
-    result = subprocess.run([sys.executable, ENTRY, *flags], capture_output=True, text=True, cwd=REPO,
-                            env=_env(), timeout=300)
+    flags = [
+        "--deepspeed_config",
+        str(REPO / "ds_configs" / change.get("config", "cpu_tiny.json")),
+        "--train-shards",
+        str(train),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--model",
+        "tiny",
+        *change.get("args", []),
+    ]
+    result = subprocess.run(
+        [sys.executable, ENTRY, *flags],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=_env({"MASTER_PORT": "29618"}),
+        timeout=300,
+    )
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "out" / "checkpoints").exists()
@@ -176,8 +265,16 @@ def test_a_dead_rank_stops_the_job_in_bounded_time_naming_it(corpus, tmp_path):
 
     started = time.monotonic()
     result = run_pretrain(
-        corpus, tmp_path, "--max-steps", "6", "--no-export", "--collective-timeout-s", "60",
-        env={"LXTRAIN_FAULT_SIGKILL_AT_STEP": "2", "LXTRAIN_FAULT_RANK": "1"}, port=29617, timeout=300,
+        corpus,
+        tmp_path,
+        "--max-steps",
+        "6",
+        "--no-export",
+        "--collective-timeout-s",
+        "60",
+        env={"LXTRAIN_FAULT_SIGKILL_AT_STEP": "2", "LXTRAIN_FAULT_RANK": "1"},
+        port=29617,
+        timeout=300,
     )
     elapsed = time.monotonic() - started
     assert result.returncode != 0
