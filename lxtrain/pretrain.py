@@ -83,6 +83,8 @@ class PretrainData:
             num_workers=cfg.num_workers,
             tokenizer=cfg.tokenizer,
             strict=cfg.strict_data,
+            # Pinned batches on GPUs; the loader then also reuses shared-memory batch buffers.
+            pin_memory=torch.cuda.is_available(),
         )
         self.train = build_pretrain_loader(cfg.train_shards, **common)
         self.valid = build_valid_loader(cfg.valid_shards, **common) if cfg.valid_shards else None
