@@ -1,43 +1,92 @@
-"""The one attention function every LXMERT layer calls, and its backend dispatch.
+"""The one dispatch between the exact PyTorch path and lxtrain's fused kernels (``lxtrain.kernels``).
 
-Backends:
+Backends (``LxmertConfig.attention_backend``; the environment variable ``LXTRAIN_ATTENTION``
+overrides it, so a run can be switched without editing configs, e.g. to compare backends):
 - ``eager``: softmax(q k^T / sqrt(d) + bias) v written out in PyTorch; the exact reference.
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (same maths, fused by PyTorch).
-- ``fused``: the project's own kernels (``lxtrain.kernels``), not built in this version; asking
-  for it is an error rather than a silent fallback.
-- ``auto``: the best available exact backend for the inputs (SDPA today).
+- ``fused``: the project's Triton kernels for attention (self, and both cross-attention directions
+  in one launch) and for the layer epilogues (bias + GELU; bias + dropout + residual + LayerNorm).
+  Where they cannot run (no CUDA GPU of compute capability 8.0+, no Triton, an unsupported shape
+  or dtype) asking for them is an error naming the reason, never a silent change of maths.
+- ``auto``: ``fused`` on a CUDA GPU for the shapes and dtypes the kernels support, else the exact
+  path (SDPA and PyTorch's elementwise ops); each distinct reason for falling back is logged once.
 
-The environment variable ``LXTRAIN_ATTENTION`` overrides the configured backend, so a run can be
-switched without editing configs (e.g. to compare backends in a benchmark).
+``resolve_backend`` settles what the configuration and device decide; what depends on a call's
+shapes is decided per call by the functions below, which every layer uses.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from lxtrain import kernels
 from lxtrain.model.config import ATTENTION_BACKENDS
 
 ENV_OVERRIDE = "LXTRAIN_ATTENTION"
+EXACT_BACKENDS = ("eager", "sdpa")
+"""Resolved backends on which the layers run their original PyTorch code unchanged."""
+
+logger = logging.getLogger(__name__)
+_reported: set[str] = set()
 
 
-def resolve_backend(configured: str) -> str:
-    """The backend to run: the environment override if set, else the configured one."""
+def _report_once(message: str, level: int = logging.WARNING) -> None:
+    # Called on every layer's forward: one line per distinct reason, not one per call.
+    if message not in _reported:
+        _reported.add(message)
+        logger.log(level, message)
+
+
+def resolve_backend(configured: str, device: torch.device | str | None = None) -> str:
+    """The backend to run on ``device`` (default CPU): the environment override if set, else the configured one.
+
+    Returns ``eager``, ``sdpa``, ``fused``, or ``auto`` when the fused kernels can run on the device
+    and the inputs of each call decide (the functions below fall back to the exact path per call).
+    Raises if ``fused`` is forced where the kernels cannot run.
+    """
     backend = os.environ.get(ENV_OVERRIDE, configured) or configured
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(
             f"attention backend {backend!r} (from {ENV_OVERRIDE} or the model config) is not one of "
             f"{ATTENTION_BACKENDS}"
         )
+    if backend in EXACT_BACKENDS:
+        return backend
+    device = torch.device(device if device is not None else "cpu")
+    if backend == "auto" and device.type != "cuda":
+        # CPU is the expected home of the exact path: said once, quietly.
+        _report_once(
+            f"attention backend 'auto' on {device.type}: using sdpa (fused kernels need CUDA)", logging.INFO
+        )
+        return "sdpa"
+    reason = kernels.unavailable_reason(device)
+    if reason is None:
+        return backend
     if backend == "fused":
         raise RuntimeError(
-            "attention backend 'fused' was requested but lxtrain's fused kernels are not available in "
-            "this build; use 'auto', 'sdpa' or 'eager'"
+            f"attention backend 'fused' was requested but lxtrain's fused kernels are not available on "
+            f"{device}: {reason}; use 'auto', 'sdpa' or 'eager'"
         )
-    return "sdpa" if backend == "auto" else backend
+    _report_once(f"attention backend 'auto' on {device}: using sdpa, fused kernels unavailable ({reason})")
+    return "sdpa"
+
+
+def _fused_or_fallback(backend: str, what: str, reason: str | None) -> bool:
+    """Whether to run ``what`` fused; raises if the fused backend was forced and cannot take these inputs."""
+    if backend in EXACT_BACKENDS:
+        return False
+    if reason is None:
+        return True
+    if backend == "fused":
+        raise RuntimeError(f"attention backend 'fused' cannot run {what}: {reason}; use 'auto' or 'sdpa'")
+    _report_once(f"attention backend 'auto': {what} falls back to the exact path ({reason})")
+    return False
 
 
 def padding_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -63,15 +112,20 @@ def attention(
         query: (B, H, Tq, Dh). key, value: (B, H, Tk, Dh).
         key_bias: additive (B, 1, 1, Tk) bias from ``padding_bias``, or None.
         dropout_p: attention-probability dropout (pass 0.0 in eval mode).
-        backend: a resolved backend name (``eager`` or ``sdpa``).
+        backend: a backend from ``resolve_backend``.
 
     Returns:
         The attended values (B, H, Tq, Dh).
     """
+    if backend not in EXACT_BACKENDS and _fused_or_fallback(
+        backend, "this attention", kernels.attention_unsupported_reason([query], [key], [key_bias])
+    ):
+        # The kernel writes (B, Tq, H, Dh); the transposed view is what callers reshape back for free.
+        return kernels.attention([query], [key], [value], [key_bias], dropout_p).transpose(1, 2)
+    if backend not in EXACT_BACKENDS:
+        backend = "sdpa"
     if backend == "sdpa":
         return F.scaled_dot_product_attention(query, key, value, attn_mask=key_bias, dropout_p=dropout_p)
-    if backend != "eager":
-        raise ValueError(f"attention() takes a resolved backend ('eager' or 'sdpa'); got {backend!r}")
     scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(query.shape[-1])
     if key_bias is not None:
         scores = scores + key_bias
@@ -79,3 +133,95 @@ def attention(
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return torch.matmul(probs, value)
+
+
+def bidirectional_attention(
+    language: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    objects: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    language_bias: torch.Tensor | None,
+    object_bias: torch.Tensor | None,
+    *,
+    dropout_p: float,
+    backend: str,
+) -> torch.Tensor:
+    """Language queries over object keys and object queries over language keys, in one fused launch.
+
+    Args:
+        language, objects: (query, key, value) projections (B, H, L, Dh) of each modality, made with
+            the one shared cross-attention module's weights.
+        language_bias, object_bias: additive key biases (B, 1, 1, L) of each modality, or None.
+
+    Returns:
+        (B, T + O, H * Dh): the language rows, then the object rows, ready for the shared output projection.
+    """
+    queries, keys, values = [language[0], objects[0]], [objects[1], language[1]], [objects[2], language[2]]
+    biases = [object_bias, language_bias]
+    if backend not in EXACT_BACKENDS and _fused_or_fallback(
+        backend,
+        "the bi-directional cross-attention",
+        kernels.attention_unsupported_reason(queries, keys, biases),
+    ):
+        return kernels.attention(queries, keys, values, biases, dropout_p).flatten(2)
+    attended = [
+        attention(query, key, value, bias, dropout_p=dropout_p, backend=backend)
+        for query, key, value, bias in zip(queries, keys, values, biases, strict=True)
+    ]
+    return torch.cat([part.transpose(1, 2).flatten(2) for part in attended], dim=1)
+
+
+def _zero3_managed(*parameters: torch.Tensor | None) -> bool:
+    # DeepSpeed ZeRO-3 gathers a module's weights only inside that module's own forward; reading
+    # them from a parent (as the fused epilogues do) would see empty partitions.
+    return any(hasattr(parameter, "ds_id") for parameter in parameters if parameter is not None)
+
+
+def _epilogue_reason(dense: nn.Linear, *tensors: torch.Tensor | None) -> str | None:
+    if dense.bias is None:
+        return "the dense layer has no bias"
+    if _zero3_managed(dense.weight, dense.bias, *tensors):
+        return "DeepSpeed ZeRO-3 partitions these parameters"
+    present = [tensor for tensor in tensors if tensor is not None]
+    return kernels.epilogue_unsupported_reason(*present, dense.weight, dense.bias)
+
+
+def _norm_epilogue_reason(
+    dense: nn.Linear, norm: nn.LayerNorm, hidden: torch.Tensor, residual: torch.Tensor
+) -> str | None:
+    if norm.weight is None or norm.bias is None:
+        return "the LayerNorm has no affine parameters"
+    if tuple(norm.normalized_shape) != (residual.shape[-1],):
+        return f"LayerNorm over {tuple(norm.normalized_shape)} is not a per-row norm"
+    return _epilogue_reason(dense, hidden, residual, norm.weight, norm.bias)
+
+
+def dense_gelu(dense: nn.Linear, hidden: torch.Tensor, backend: str) -> torch.Tensor:
+    """gelu(dense(hidden)) with the exact GELU; fused: the bias and GELU in one pass after the matmul."""
+    if backend not in EXACT_BACKENDS and _fused_or_fallback(
+        backend, "the bias+GELU epilogue", _epilogue_reason(dense, hidden)
+    ):
+        return kernels.bias_gelu(F.linear(hidden, dense.weight), dense.bias)
+    return F.gelu(dense(hidden))
+
+
+def dense_dropout_residual_norm(
+    dense: nn.Linear,
+    norm: nn.LayerNorm,
+    hidden: torch.Tensor,
+    residual: torch.Tensor,
+    dropout_p: float,
+    backend: str,
+) -> torch.Tensor:
+    """norm(dropout(dense(hidden)) + residual); fused: bias, dropout, residual and LayerNorm in one pass.
+
+    ``dropout_p`` is the rate to apply now (0.0 in eval mode). The fused dropout draws its mask from
+    its own seeded stream, so it equals PyTorch's in distribution, not bit for bit.
+    """
+    if backend not in EXACT_BACKENDS and _fused_or_fallback(
+        backend,
+        "the bias+dropout+residual+LayerNorm epilogue",
+        _norm_epilogue_reason(dense, norm, hidden, residual),
+    ):
+        return kernels.bias_dropout_residual_layer_norm(
+            F.linear(hidden, dense.weight), dense.bias, residual, norm.weight, norm.bias, norm.eps, dropout_p
+        )
+    return norm(F.dropout(dense(hidden), p=dropout_p, training=dropout_p > 0.0) + residual)

@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lxtrain.model.attention import attention, resolve_backend
+from lxtrain.model.attention import (
+    EXACT_BACKENDS,
+    attention,
+    bidirectional_attention,
+    dense_dropout_residual_norm,
+    dense_gelu,
+    resolve_backend,
+)
 from lxtrain.model.config import LxmertConfig
 
 
@@ -76,7 +83,7 @@ class MultiHeadAttention(nn.Module):
             self._split_heads(self.value(context)),
             context_bias,
             dropout_p=self.dropout_p if self.training else 0.0,
-            backend=resolve_backend(self.backend),
+            backend=resolve_backend(self.backend, hidden.device),
         )
         batch, _, length, _ = attended.shape
         return attended.transpose(1, 2).reshape(batch, length, -1)  # (B, L, D)
@@ -96,7 +103,45 @@ class AttentionBlock(nn.Module):
         self, hidden: torch.Tensor, context: torch.Tensor, context_bias: torch.Tensor | None
     ) -> torch.Tensor:
         attended = self.attention(hidden, context, context_bias)
-        return self.norm(self.dropout(self.output(attended)) + hidden)
+        backend = resolve_backend(self.attention.backend, hidden.device)
+        if backend in EXACT_BACKENDS:
+            return self.norm(self.dropout(self.output(attended)) + hidden)
+        return self._fused_epilogue(attended, hidden, backend)
+
+    def _fused_epilogue(self, attended: torch.Tensor, residual: torch.Tensor, backend: str) -> torch.Tensor:
+        dropout_p = self.dropout.p if self.training else 0.0
+        return dense_dropout_residual_norm(self.output, self.norm, attended, residual, dropout_p, backend)
+
+    def both_directions(
+        self,
+        language: torch.Tensor,
+        objects: torch.Tensor,
+        language_bias: torch.Tensor | None,
+        object_bias: torch.Tensor | None,
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Language->vision and vision->language through this one block: one attention launch, one
+        output projection and one epilogue over both modalities' rows (fused backends only)."""
+        heads = self.attention
+        # Projection order = the two separate calls' order: the first query call is the language
+        # one and the first key call the object one (lxtrain.model.inspection relies on it).
+        language_query = heads._split_heads(heads.query(language))
+        object_key = heads._split_heads(heads.key(objects))
+        object_value = heads._split_heads(heads.value(objects))
+        object_query = heads._split_heads(heads.query(objects))
+        language_key = heads._split_heads(heads.key(language))
+        language_value = heads._split_heads(heads.value(language))
+        attended = bidirectional_attention(
+            (language_query, language_key, language_value),
+            (object_query, object_key, object_value),
+            language_bias,
+            object_bias,
+            dropout_p=heads.dropout_p if self.training else 0.0,
+            backend=backend,
+        )  # (B, T + O, D)
+        both = self._fused_epilogue(attended, torch.cat([language, objects], dim=1), backend)
+        # One copy each here saves the implicit copies of every strided consumer downstream.
+        return both[:, : language.shape[1]].contiguous(), both[:, language.shape[1] :].contiguous()
 
 
 class FeedForward(nn.Module):
@@ -108,9 +153,16 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(config.intermediate_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # The attention backend also decides the epilogues: 'fused'/'auto' route them to the kernels.
+        self.backend = config.attention_backend
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.dropout(self.down(F.gelu(self.up(hidden)))) + hidden)
+        backend = resolve_backend(self.backend, hidden.device)
+        if backend in EXACT_BACKENDS:
+            return self.norm(self.dropout(self.down(F.gelu(self.up(hidden)))) + hidden)
+        inner = dense_gelu(self.up, hidden, backend)
+        dropout_p = self.dropout.p if self.training else 0.0
+        return dense_dropout_residual_norm(self.down, self.norm, inner, hidden, dropout_p, backend)
 
 
 class TransformerLayer(nn.Module):
@@ -146,8 +198,14 @@ class CrossModalityLayer(nn.Module):
         object_bias: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Both directions read the layer's *inputs*, so neither direction sees the other's update.
-        language_cross = self.cross_attention(language, objects, object_bias)  # (B, T, D)
-        objects_cross = self.cross_attention(objects, language, language_bias)  # (B, O, D)
+        backend = resolve_backend(self.cross_attention.attention.backend, language.device)
+        if backend in EXACT_BACKENDS:
+            language_cross = self.cross_attention(language, objects, object_bias)  # (B, T, D)
+            objects_cross = self.cross_attention(objects, language, language_bias)  # (B, O, D)
+        else:
+            language_cross, objects_cross = self.cross_attention.both_directions(
+                language, objects, language_bias, object_bias, backend
+            )
         language = self.language_self_attention(language_cross, language_cross, language_bias)
         objects = self.object_self_attention(objects_cross, objects_cross, object_bias)
         return self.language_feed_forward(language), self.object_feed_forward(objects)

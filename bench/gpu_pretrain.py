@@ -1,0 +1,231 @@
+"""Helpers of bench/gpu_pretrain.sh: run pre-training with a memory record, the HF baseline, and the report.
+
+    python bench/gpu_pretrain.py pretrain --record R.json -- <lxtrain/pretrain.py arguments>
+    python bench/gpu_pretrain.py hf --shards DIR --batch 256 --steps 30 --record R.json
+    python bench/gpu_pretrain.py collect OUT_DIR
+
+``pretrain`` calls the real ``lxtrain/pretrain.py`` entry point in this process, so the peak GPU
+memory of the run can be read afterwards; throughput and MFU are what pretrain.py itself logs to
+TensorBoard (``train/samples_per_s``, ``train/mfu``), read back by ``collect``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+BACKENDS = ("eager", "sdpa", "fused")
+WARM_WINDOWS = 2  # logged windows dropped from the medians: they hold start-up and Triton compilation
+
+
+def _memory_record() -> dict[str, float]:
+    if not torch.cuda.is_available():
+        return {"peak_memory_gib": None, "peak_reserved_gib": None}
+    return {
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+    }
+
+
+def run_pretrain(record: Path, pretrain_args: list[str]) -> int:
+    """lxtrain/pretrain.py's ``main`` with these arguments; writes exit code, wall time and peak memory."""
+    from lxtrain import pretrain
+
+    # pretrain.py ends a failed run with os._exit (so no rank hangs in a collective): leave a record
+    # that says so unless the run gets to overwrite it.
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"exit_code": "died before finishing"}) + "\n")
+    start = time.monotonic()
+    try:
+        code = pretrain.main(pretrain_args)
+    except SystemExit as exit_:  # argument errors exit through argparse
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    record.write_text(
+        json.dumps({"exit_code": code, "wall_s": time.monotonic() - start, **_memory_record()}, indent=2)
+        + "\n"
+    )
+    return int(code or 0)
+
+
+def run_hf(shards: Path, batch_size: int, steps: int, warmup: int, record: Path) -> None:
+    """HF ``LxmertForPreTraining`` (LXMERT-base, fp32 weights, bf16 autocast, fused AdamW): samples/s, MFU, memory.
+
+    Same network size and answer count as the pre-training runs (read from the shard index), same
+    batch size; the batch is synthetic and already on the GPU, so no data loading is counted for HF.
+    """
+    import transformers
+    from model_step import step_functions, synthetic_batch
+
+    from lxtrain import convert
+    from lxtrain.model.config import LxmertConfig
+    from lxtrain.monitor import detect_peak_tflops, training_flops_per_sample
+
+    index = json.loads((shards / "index.json").read_text())
+    config = LxmertConfig(visual_feature_dim=index["feature_dim"], num_qa_labels=index["answers"]["count"])
+    values = convert.config_to_hf(config)
+    values.pop("model_type")
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hf = transformers.LxmertForPreTraining(transformers.LxmertConfig(**values)).to(device).train()
+    batch = {key: value.to(device) for key, value in synthetic_batch(config, batch_size).items()}
+    hf_step = step_functions(config, hf, None, batch)["hf"]
+    optimizer = torch.optim.AdamW(
+        hf.parameters(), lr=1e-4, eps=1e-6, weight_decay=0.01, fused=device.type == "cuda"
+    )
+    autocast_dtype = torch.bfloat16
+
+    def step() -> float:
+        with torch.autocast(device.type, dtype=autocast_dtype):
+            loss = hf_step()  # zero_grad + forward + loss + backward (+ .item(): one sync, as pretrain.py)
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)  # pretrain.py's gradient_clipping
+        optimizer.step()
+        return loss
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    durations = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        durations.append(time.perf_counter() - start)
+    samples_per_s = batch_size / statistics.median(durations)
+    peak = detect_peak_tflops()
+    result = {
+        "samples_per_s": samples_per_s,
+        "mfu": samples_per_s * training_flops_per_sample(config) / (peak * 1e12) if peak else None,
+        "batch": batch_size,
+        "steps": steps,
+        "precision": "fp32 weights, bf16 autocast",
+        **_memory_record(),
+    }
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+def _scalars(run_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()["scalars"]
+    return {tag: [event.value for event in accumulator.Scalars(tag)] for tag in tags}
+
+
+def _median_after_warmup(values: list[float]) -> float | None:
+    kept = values[WARM_WINDOWS:] or values[-1:]
+    return statistics.median(kept) if kept else None
+
+
+def collect(out_dir: Path) -> dict:
+    """OUT_DIR/results.json and OUT_DIR/results.md from the runs' TensorBoard events and records."""
+    environment = json.loads((out_dir / "environment.json").read_text())
+    rows = {}
+    for backend in BACKENDS:
+        run_dir = out_dir / "runs" / backend
+        record_path = run_dir / "record.json"
+        if not record_path.exists():
+            rows[backend] = {"status": "not run"}
+            continue
+        record = json.loads(record_path.read_text())
+        row = {
+            "status": "ok" if record["exit_code"] == 0 else f"failed (exit {record['exit_code']})",
+            **record,
+        }
+        if (run_dir / "tensorboard").exists():
+            scalars = _scalars(run_dir)
+            row["samples_per_s"] = _median_after_warmup(scalars.get("train/samples_per_s", []))
+            row["mfu"] = _median_after_warmup(scalars.get("train/mfu", []))
+            row["data_wait_share"] = _median_after_warmup(scalars.get("train/data_wait_share", []))
+            row["windows"] = len(scalars.get("train/samples_per_s", []))
+        rows[backend] = row
+    hf_path = out_dir / "hf" / "record.json"
+    rows["hf"] = (
+        {"status": "ok", **json.loads(hf_path.read_text())} if hf_path.exists() else {"status": "not run"}
+    )
+
+    def ratio(numerator: str, denominator: str) -> float | None:
+        top, bottom = rows[numerator].get("samples_per_s"), rows[denominator].get("samples_per_s")
+        return top / bottom if top and bottom else None
+
+    ratios = {
+        f"{backend}_over_{base}": ratio(backend, base)
+        for backend in BACKENDS
+        for base in ("hf", "sdpa")
+        if backend != base
+    }
+    results = {**environment, "runs": rows, "throughput_ratios": ratios}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "results.md").write_text(_markdown(results))
+    print(_markdown(results))
+    return results
+
+
+def _format(value: float | None, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def _markdown(results: dict) -> str:
+    lines = [
+        f"GPU: {results.get('gpu', '?')}; torch {results.get('torch', '?')}, triton {results.get('triton', '?')}, "
+        f"deepspeed {results.get('deepspeed', '?')}; micro-batch {results.get('batch', '?')}, "
+        f"{results.get('steps', '?')} steps per run; command: `{results.get('command', '?')}`",
+        "",
+        "| run | status | samples/s | MFU | peak memory (GiB) | data wait | vs HF | vs SDPA |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ratios = results["throughput_ratios"]
+    names = {"eager": "lxtrain eager (DeepSpeed bf16)", "sdpa": "lxtrain sdpa (DeepSpeed bf16)"}
+    names |= {"fused": "lxtrain fused (DeepSpeed bf16)", "hf": "HF LxmertForPreTraining (bf16 autocast)"}
+    for name, row in results["runs"].items():
+        lines.append(
+            f"| {names[name]} | {row['status']} | {_format(row.get('samples_per_s'), '{:.1f}')} "
+            f"| {_format(row.get('mfu'), '{:.1%}')} | {_format(row.get('peak_memory_gib'), '{:.1f}')} "
+            f"| {_format(row.get('data_wait_share'), '{:.1%}')} "
+            f"| {_format(ratios.get(f'{name}_over_hf'), '{:.2f}x')} "
+            f"| {_format(ratios.get(f'{name}_over_sdpa'), '{:.2f}x')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    pretrain = commands.add_parser("pretrain", help="run lxtrain/pretrain.py and record peak memory")
+    pretrain.add_argument("--record", type=Path, required=True)
+    pretrain.add_argument("pretrain_args", nargs=argparse.REMAINDER)
+    hf = commands.add_parser("hf", help="time HF LxmertForPreTraining under bf16 autocast")
+    hf.add_argument("--shards", type=Path, required=True, help="the training shards (for sizes only)")
+    hf.add_argument("--batch", type=int, required=True)
+    hf.add_argument("--steps", type=int, default=30)
+    hf.add_argument("--warmup", type=int, default=5)
+    hf.add_argument("--record", type=Path, required=True)
+    report = commands.add_parser("collect", help="write results.json and results.md")
+    report.add_argument("out_dir", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "pretrain":
+        forwarded = args.pretrain_args[1:] if args.pretrain_args[:1] == ["--"] else args.pretrain_args
+        return run_pretrain(args.record, forwarded)
+    if args.command == "hf":
+        run_hf(args.shards, args.batch, args.steps, args.warmup, args.record)
+        return 0
+    collect(args.out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
