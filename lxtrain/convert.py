@@ -141,13 +141,28 @@ def expected_shapes(config: LxmertConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: LxmertConfig, source: str) -> None:
-    """Raise ``CheckpointError`` listing every missing key, unexpected key and shape mismatch."""
+def check_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    config: LxmertConfig,
+    source: str,
+    key_names: Mapping[str, str] | None = None,
+) -> None:
+    """Raise ``CheckpointError`` listing every missing key, unexpected key and shape mismatch.
+
+    ``key_names`` (lxtrain name -> name in the source file) makes the message name keys as the
+    user's file spells them, with the lxtrain name alongside.
+    """
+
+    def name(key: str) -> str:
+        if key_names is None or key not in key_names:
+            return key
+        return f"{key_names[key]} (lxtrain: {key})"
+
     expected = expected_shapes(config)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
+    missing = [name(key) for key in sorted(set(expected) - set(state_dict))]
+    unexpected = [name(key) for key in sorted(set(state_dict) - set(expected))]
     mismatched = [
-        f"  {key}: expected {expected[key]}, found {tuple(state_dict[key].shape)}"
+        f"  {name(key)}: expected {expected[key]}, found {tuple(state_dict[key].shape)}"
         for key in sorted(set(expected) & set(state_dict))
         if tuple(state_dict[key].shape) != expected[key]
     ]
@@ -283,8 +298,9 @@ def read_hf(directory: str | Path) -> tuple[StateDict, LxmertConfig]:
         raise CheckpointError(f"{directory}: not an HF model directory (no config.json)")
     config = config_from_hf(json.loads(config_path.read_text()))
     weights = _drop_tied_decoder(dict(_load_hf_weights(directory)), str(directory))
-    state = rename(weights, _invert(key_map(config, "lxmert.")), str(directory))
-    check_state_dict(state, config, str(directory))
+    mapping = key_map(config, "lxmert.")
+    state = rename(weights, _invert(mapping), str(directory))
+    check_state_dict(state, config, str(directory), key_names=mapping)
     return state, config
 
 
@@ -303,12 +319,19 @@ def read_original(path: str | Path, num_attention_heads: int = 12) -> tuple[Stat
         raise CheckpointError(f"{path}: expected a state dict, found {type(raw).__name__}")
     # DataParallel saves every key with "module."; the original loader silently loaded nothing
     # when the prefix did not match. Here the prefix is stripped when all keys carry it.
-    if raw and all(key.startswith("module.") for key in raw):
+    prefixed = sorted(key for key in raw if key.startswith("module."))
+    if raw and len(prefixed) == len(raw):
         raw = {key[len("module.") :]: tensor for key, tensor in raw.items()}
+    elif prefixed:
+        raise CheckpointError(
+            f"{path}: {len(prefixed)} of {len(raw)} keys carry the DataParallel 'module.' prefix "
+            f"(e.g. {prefixed[0]!r}); expected all or none"
+        )
     config = infer_config(raw, "bert.", num_attention_heads)
     weights = _drop_tied_decoder(dict(raw), str(path))
-    state = rename(weights, _invert(key_map(config, "bert.")), str(path))
-    check_state_dict(state, config, str(path))
+    mapping = key_map(config, "bert.")
+    state = rename(weights, _invert(mapping), str(path))
+    check_state_dict(state, config, str(path), key_names=mapping)
     return state, config
 
 

@@ -43,7 +43,12 @@ def build_batch(
         ids[row, 1 : length - 1] = rng.integers(1000, config.vocab_size, size=length - 2)
         ids[row, length - 1] = SEP
     masked_ids, mlm_labels = mask_words(
-        ids, rng, mask_token_id=MASK, vocab_size=config.vocab_size, special_token_ids=SPECIAL_IDS, probability=0.3
+        ids,
+        rng,
+        mask_token_id=MASK,
+        vocab_size=config.vocab_size,
+        special_token_ids=SPECIAL_IDS,
+        probability=0.3,
     )
     if (mlm_labels == IGNORE_INDEX).all():  # a batch with no masked word would test nothing
         mlm_labels[0, 1] = ids[0, 1]
@@ -69,7 +74,9 @@ def build_batch(
         B.MLM_LABELS: torch.from_numpy(mlm_labels),
         B.FEATURE_TARGETS: torch.from_numpy(features),
         B.OBJECT_MASK: torch.from_numpy(object_mask),
-        B.OBJECT_LABELS: torch.from_numpy(rng.integers(0, config.num_object_labels, (batch_size, num_objects))),
+        B.OBJECT_LABELS: torch.from_numpy(
+            rng.integers(0, config.num_object_labels, (batch_size, num_objects))
+        ),
         B.OBJECT_CONFIDENCES: torch.from_numpy(rng.random((batch_size, num_objects)).astype(np.float32)),
         B.ATTRIBUTE_LABELS: torch.from_numpy(
             rng.integers(0, config.num_attribute_labels, (batch_size, num_objects))

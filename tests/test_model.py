@@ -148,18 +148,30 @@ def _backbone_outputs(model: LxmertForPretraining, batch: dict[str, torch.Tensor
         return model.backbone(*(batch[key] for key in B.MODEL_INPUT_KEYS))
 
 
+def _count_sdpa_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Wrap PyTorch's SDPA as the attention module sees it; returns the list each call appends to."""
+    calls: list[int] = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(1)
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", counting_sdpa)
+    return calls
+
+
 def test_eager_and_sdpa_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = LxmertConfig.tiny(attention_backend="eager")
     torch.manual_seed(0)
-    model = LxmertForPretraining(config).eval()
-    batch = build_batch(config)
-    monkeypatch.delenv(attention_module.ENV_OVERRIDE, raising=False)
+    model = LxmertForPretraining(LxmertConfig.tiny()).eval()
+    batch = build_batch(model.config)
+    calls = _count_sdpa_calls(monkeypatch)
+    monkeypatch.setenv(attention_module.ENV_OVERRIDE, "eager")
     eager = _backbone_outputs(model, batch)
-    model.config.attention_backend = "sdpa"  # shared config object: every attention module follows
-    for module in model.modules():
-        if hasattr(module, "backend"):
-            module.backend = "sdpa"
+    assert not calls
+    monkeypatch.setenv(attention_module.ENV_OVERRIDE, "sdpa")
     sdpa = _backbone_outputs(model, batch)
+    assert calls, "the sdpa backend must really run SDPA"
     for name in ("language", "objects", "pooled"):
         torch.testing.assert_close(getattr(sdpa, name), getattr(eager, name), rtol=0, atol=1e-6)
 
@@ -168,14 +180,7 @@ def test_env_override_selects_the_backend(monkeypatch: pytest.MonkeyPatch) -> No
     config = LxmertConfig.tiny(attention_backend="eager")
     model = LxmertForPretraining(config).eval()
     batch = build_batch(config)
-    calls = []
-    real_sdpa = F.scaled_dot_product_attention
-
-    def counting_sdpa(*args, **kwargs):
-        calls.append(1)
-        return real_sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", counting_sdpa)
+    calls = _count_sdpa_calls(monkeypatch)
     monkeypatch.delenv(attention_module.ENV_OVERRIDE, raising=False)
     _backbone_outputs(model, batch)
     assert not calls, "the configured eager backend must not call SDPA"
@@ -217,7 +222,9 @@ def test_wrong_feature_dim_names_field_expected_and_found(tiny_model: LxmertForP
     batch = build_batch(tiny_model.config, batch_size=2, num_objects=6)
     expected_dim = tiny_model.config.visual_feature_dim
     batch[B.OBJECT_FEATURES] = torch.zeros(2, 6, expected_dim + 1)
-    with pytest.raises(ValueError, match=rf"object_features.*visual_feature_dim={expected_dim}.*\(2, 6, 65\)"):
+    with pytest.raises(
+        ValueError, match=rf"object_features.*visual_feature_dim={expected_dim}.*\(2, 6, 65\)"
+    ):
         _lxtrain_logits(tiny_model, batch)
     with pytest.raises(ValueError, match="object_features"):
         pretraining_objectives(tiny_model, batch, {"mlm": 1.0})

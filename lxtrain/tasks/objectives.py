@@ -53,6 +53,8 @@ class ObjectiveOutput:
 
 
 def check_task_weights(task_weights: Mapping[str, float]) -> None:
+    if not task_weights:
+        raise ValueError(f"no active pre-training task: give at least one of {list(TASKS)} a weight")
     unknown = sorted(set(task_weights) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown pre-training task(s) {unknown}; known tasks: {list(TASKS)}")
