@@ -74,6 +74,7 @@ def test_user_phases_from_file(tmp_path):
         ({"recipe": "phases", "phases": (Phase(1, {"mlm": 1, "vqa": 1}),)}, "unknown task"),
         ({"recipe": "phases", "phases": (Phase(2, {"mlm": 1}), Phase(1, {"qa": 1}))}, "ordered"),
         ({"recipe": "paper", "steps_per_epoch": 0}, "steps_per_epoch"),
+        ({"recipe": "phases", "phases": (Phase(1, {"mlm": 0.0}),)}, "no task has a weight"),
     ],
 )
 def test_bad_schedules_are_refused(kwargs, message):

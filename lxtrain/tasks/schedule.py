@@ -63,6 +63,8 @@ class TaskSchedule:
                 raise ValueError("recipe 'phases' needs at least one phase ({'until_epoch', 'weights'})")
             for phase in self.phases:
                 _check_tasks(phase.weights, f"phase {phase.name or phase.until_epoch}")
+                if not any(weight > 0 for weight in phase.weights.values()):
+                    raise ValueError(f"phase {phase.name or phase.until_epoch}: no task has a weight > 0")
             ends = [phase.until_epoch for phase in self.phases]
             if ends != sorted(ends):
                 raise ValueError(f"phases must be ordered by until_epoch; got {ends}")
