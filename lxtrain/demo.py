@@ -37,7 +37,10 @@ def majority_baseline(valid_shards: Path) -> tuple[str, float]:
                 if not sentence["answer_ids"]:
                     continue
                 total = sum(sentence["answer_scores"])
-                share = {index.answers[a]: s / total for a, s in zip(sentence["answer_ids"], sentence["answer_scores"], strict=True)}
+                share = {
+                    index.answers[a]: s / total
+                    for a, s in zip(sentence["answer_ids"], sentence["answer_scores"], strict=True)
+                }
                 shares.append(share)
                 weights.update(share)
     answer, _ = weights.most_common(1)[0]
@@ -46,13 +49,36 @@ def majority_baseline(valid_shards: Path) -> tuple[str, float]:
 
 def pretrain(run_dir: Path, shards: Path, args: argparse.Namespace, *extra: str) -> dict:
     command = [
-        "deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(args.port),
+        "deepspeed",
+        "--num_gpus",
+        str(args.ranks),
+        "--master_port",
+        str(args.port),
         str(REPO / "lxtrain" / "pretrain.py"),
-        "--deepspeed_config", str(REPO / "ds_configs" / "cpu_demo.json"),
-        "--train-shards", str(shards / "train"), "--valid-shards", str(shards / "valid"),
-        "--output-dir", str(run_dir), "--model", args.model, "--epochs", str(args.epochs),
-        "--recipe", args.recipe, "--log-every", "20", "--num-workers", "1", "--resume", "none",
-        "--object-words", OBJECT_WORDS, "--no-export", *extra,
+        "--deepspeed_config",
+        str(REPO / "ds_configs" / "cpu_demo.json"),
+        "--train-shards",
+        str(shards / "train"),
+        "--valid-shards",
+        str(shards / "valid"),
+        "--output-dir",
+        str(run_dir),
+        "--model",
+        args.model,
+        "--epochs",
+        str(args.epochs),
+        "--recipe",
+        args.recipe,
+        "--log-every",
+        "20",
+        "--num-workers",
+        "1",
+        "--resume",
+        "none",
+        "--object-words",
+        OBJECT_WORDS,
+        "--no-export",
+        *extra,
     ]
     print("$ " + " ".join(command), flush=True)
     subprocess.run(command, check=True, cwd=REPO)
@@ -65,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "runs" / "demo"), help="run directory")
     parser.add_argument("--images", type=int, default=800, help="synthetic training images")
     parser.add_argument("--feature-dim", type=int, default=256, help="synthetic RoI feature dimension")
+    parser.add_argument("--boxes", type=int, default=36, help="regions per synthetic image")
+    parser.add_argument("--max-objects", type=int, default=6, help="objects per synthetic image")
     parser.add_argument("--epochs", type=float, default=4.0)
     parser.add_argument("--recipe", default="paper")
     parser.add_argument("--model", default="tiny")
@@ -77,8 +105,22 @@ def main(argv: list[str] | None = None) -> int:
     corpus = out / "corpus"
     if not (corpus / "shards" / "train" / "index.json").exists():
         subprocess.run(
-            [sys.executable, "-m", "lxtrain.data.synthetic", "--out", str(corpus), "--images", str(args.images),
-             "--feature-dim", str(args.feature_dim), "--shards"],
+            [
+                sys.executable,
+                "-m",
+                "lxtrain.data.synthetic",
+                "--out",
+                str(corpus),
+                "--images",
+                str(args.images),
+                "--feature-dim",
+                str(args.feature_dim),
+                "--boxes",
+                str(args.boxes),
+                "--max-objects",
+                str(args.max_objects),
+                "--shards",
+            ],
             check=True,
         )
     shards = corpus / "shards"
@@ -88,9 +130,30 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [
         ("validation QA accuracy", model["acc"].get("qa"), control and control["acc"].get("qa"), baseline),
-        ("masked object-word accuracy", model["acc"].get("mlm_object_words"),
-         control and control["acc"].get("mlm_object_words"), None),
-        ("masked LM accuracy (all words)", model["acc"].get("mlm"), control and control["acc"].get("mlm"), None),
+        (
+            "masked object-word accuracy",
+            model["acc"].get("mlm_object_words"),
+            control and control["acc"].get("mlm_object_words"),
+            None,
+        ),
+        (
+            "masked LM accuracy (all words)",
+            model["acc"].get("mlm"),
+            control and control["acc"].get("mlm"),
+            None,
+        ),
+        (
+            "detected-label accuracy (obj)",
+            model["acc"].get("obj"),
+            control and control["acc"].get("obj"),
+            None,
+        ),
+        (
+            "detected-label accuracy (attr)",
+            model["acc"].get("attr"),
+            control and control["acc"].get("attr"),
+            None,
+        ),
         ("matching accuracy", model["acc"].get("match"), control and control["acc"].get("match"), 0.5),
     ]
 
