@@ -256,13 +256,15 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopReques
         dict(ds_json), info.world_size, cfg.deepspeed_config
     )
     data = PretrainData(cfg, micro_batch, info.rank, info.world_size)
-    batches_per_epoch = data.batches_per_epoch
-    steps_per_epoch = batches_per_epoch // accumulation
+    steps_per_epoch = data.batches_per_epoch // accumulation
     if steps_per_epoch == 0:
         raise ValueError(
-            f"{cfg.train_shards}: {batches_per_epoch} micro-batches per rank per epoch is fewer than "
+            f"{cfg.train_shards}: {data.batches_per_epoch} micro-batches per rank per epoch is fewer than "
             f"gradient_accumulation_steps={accumulation}; use more data, fewer ranks or a smaller batch"
         )
+    # An epoch ends on an optimiser-step boundary: the last (< accumulation) micro-batches of the
+    # loader's epoch are left out, so epoch ends, schedules and checkpoints line up with steps.
+    batches_per_epoch = steps_per_epoch * accumulation
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     phases = load_phases(cfg.phases_file) if cfg.phases_file else ()

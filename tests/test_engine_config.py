@@ -1,6 +1,7 @@
 """DeepSpeed JSON checks: inconsistent settings are refused before any compute."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -34,7 +35,7 @@ def test_shipped_gpu_configs_follow_the_reference_optimiser():
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3"])
 def test_every_gpu_config_has_bf16_and_fp16_variants(name):
     for precision in ("bf16", "fp16"):
-        config = json.loads(open(f"ds_configs/{name}_{precision}.json").read())
+        config = json.loads(Path(f"ds_configs/{name}_{precision}.json").read_text())
         assert config[precision]["enabled"] is True
         assert config["zero_optimization"]["stage"] == int(name[-1])
 
