@@ -118,8 +118,7 @@ class PretrainData:
             yield last, False
 
     def decode_tokens(self, ids: list[int]) -> list[str]:
-        backend = self.encoder._backend  # the tokenizers.Tokenizer behind the fast path
-        return [backend.id_to_token(i) or f"[{i}]" for i in ids]
+        return [self.encoder.id_to_token(i) for i in ids]
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -158,6 +158,10 @@ class WordPieceEncoder:
         ids.append(self.sep_id)
         return ids
 
+    def id_to_token(self, token_id: int) -> str:
+        """The word-piece of an id (for logs and attention figures); ``[id]`` for an unknown id."""
+        return self._backend.id_to_token(token_id) or f"[{token_id}]"
+
     @property
     def special_ids(self) -> tuple[int, int, int]:
         """Ids never masked: [CLS], [SEP], [PAD]."""
