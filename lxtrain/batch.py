@@ -6,6 +6,8 @@ D feature dimension). The loader produces it; ``lxtrain.tasks.objectives`` consu
 
 from __future__ import annotations
 
+import torch
+
 # Model inputs.
 INPUT_IDS = "input_ids"  # (B, T) int64, word-pieces after word masking
 ATTENTION_MASK = "attention_mask"  # (B, T) int64, 1 for real tokens, 0 for padding
@@ -31,3 +33,11 @@ SENTENCE_SOURCE_NAMES = ("mscoco", "vg", "vqa", "gqa", "visual7w")
 QA_SOURCE_NAMES = ("vqa", "gqa", "visual7w")
 
 MODEL_INPUT_KEYS = (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS, OBJECT_FEATURES, OBJECT_BOXES)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move a batch's tensors to ``device`` (non-tensor entries, e.g. ids for submissions, stay)."""
+    return {
+        key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+        for key, value in batch.items()
+    }

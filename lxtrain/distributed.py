@@ -14,6 +14,8 @@ import dataclasses
 import datetime
 import os
 import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -127,3 +129,37 @@ def all_true(flag: bool) -> bool:
     value = torch.tensor([0 if flag else 1], dtype=torch.int32)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return int(value.item()) == 0
+
+
+def equal_count_batches(
+    batches: Iterable[Any],
+    available: int,
+    max_batches: int | None = None,
+    fallback: Callable[[], Any] | None = None,
+) -> Iterator[tuple[Any, bool]]:
+    """(batch, counted) pairs, the same number on every rank (a collective: call it on all ranks).
+
+    Evaluation splits rarely divide evenly over ranks, but under ZeRO-3 every forward is a
+    collective, so a rank that ran out would leave the others waiting: shorter ranks repeat their
+    last batch with ``counted=False`` (excluded from metrics). A rank with no batch at all forwards
+    ``fallback()`` instead, and without one it is an error rather than a hang.
+    """
+    local = available if max_batches is None else min(available, max_batches)
+    count = torch.tensor([local], dtype=torch.int64)
+    if dist.is_initialized():
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    last = None
+    for index, batch in enumerate(batches):
+        if index >= local:
+            break
+        last = batch
+        yield batch, True
+    for _ in range(int(count) - local):
+        if last is None:
+            if fallback is None:
+                raise RuntimeError(
+                    f"rank {dist.get_rank()} has no evaluation batch while others have {int(count)}: "
+                    "use fewer ranks or data-loader workers, or a larger split"
+                )
+            last = fallback()
+        yield last, False

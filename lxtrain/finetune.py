@@ -31,6 +31,7 @@ import torch.distributed as dist  # noqa: E402
 
 from lxtrain import checkpoint, distributed  # noqa: E402
 from lxtrain import engine as engine_setup  # noqa: E402
+from lxtrain.batch import to_device  # noqa: E402
 from lxtrain.data.finetune_shards import FinetuneIndex, open_finetune_index  # noqa: E402
 from lxtrain.downstream import predict, weights  # noqa: E402
 from lxtrain.downstream.config import FinetuneConfig, parse_args  # noqa: E402
@@ -38,9 +39,7 @@ from lxtrain.downstream.data import build_loader  # noqa: E402
 from lxtrain.downstream.models import FinetuneObjective, build_model, transfer_answer_head  # noqa: E402
 from lxtrain.model import LxmertConfig  # noqa: E402
 from lxtrain.monitor import Monitor  # noqa: E402
-from lxtrain.pretrain import REQUEUE_MARKER, StopRequested  # noqa: E402
-
-EXIT_NONFINITE = 3
+from lxtrain.pretrain import EXIT_NONFINITE, REQUEUE_MARKER, StopRequested  # noqa: E402
 
 
 def open_splits(cfg: FinetuneConfig) -> tuple[FinetuneIndex, FinetuneIndex | None]:
@@ -103,30 +102,6 @@ def build_network(cfg: FinetuneConfig, train: FinetuneIndex) -> tuple[torch.nn.M
     return model, config, note
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def _padded(loader, epoch: int, max_batches: int | None, fallback):
-    """(batch, counted) with the same count on every rank: shorter ranks repeat their last batch
-    uncounted, so collective forwards (ZeRO-3) stay matched; a rank with no batch at all (a split
-    smaller than the number of slots) forwards ``fallback()`` instead."""
-    local = len(loader) if max_batches is None else min(len(loader), max_batches)
-    count = torch.tensor([local], dtype=torch.int64)
-    if dist.is_initialized():
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    last = None
-    for number, batch in enumerate(loader.epoch(epoch)):
-        if number >= local:
-            break
-        last = batch
-        yield batch, True
-    for _ in range(int(count) - local):
-        if last is None:
-            last = fallback()
-        yield last, False
-
-
 @torch.no_grad()
 def validate(
     engine, cfg: FinetuneConfig, loader, train_loader, answers, monitor: Monitor, step: int
@@ -138,8 +113,10 @@ def validate(
     def fallback() -> dict:
         return next(iter(train_loader.epoch(0)))
 
-    for batch, counted in _padded(loader, 0, cfg.max_valid_batches, fallback):
-        output = engine(_to_device(batch, engine.device))
+    for batch, counted in distributed.equal_count_batches(
+        loader.epoch(0), len(loader), cfg.max_valid_batches, fallback
+    ):
+        output = engine(to_device(batch, engine.device))
         if counted:
             records += predict.batch_predictions(cfg.task, output.logits.cpu(), batch, answers)
     engine.train()
@@ -256,7 +233,7 @@ def run(cfg: FinetuneConfig, info: distributed.DistributedInfo, stop: StopReques
         epoch, position = divmod(batches_done, batches_per_epoch)
         batches = train.epoch(epoch, position)
         while step < last_step and batches_done < (epoch + 1) * batches_per_epoch:
-            batch = _to_device(next(batches), engine.device)
+            batch = to_device(next(batches), engine.device)
             output = engine(batch)
             batches_done += 1
             flags = torch.tensor(

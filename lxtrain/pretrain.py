@@ -104,25 +104,10 @@ class PretrainData:
     def valid_batches(self, max_batches: int | None):
         """Validation batches, the same count on every rank (shorter ranks repeat their last batch,
         flagged False, so collective forwards under ZeRO-3 stay matched). Yields (batch, counts)."""
-        local = len(self.valid) if max_batches is None else min(len(self.valid), max_batches)
-        count = torch.tensor([local], dtype=torch.int64)
-        if dist.is_initialized():
-            dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        last = None
-        for index, batch in enumerate(self.valid):
-            if index >= local:
-                break
-            last = batch
-            yield batch, True
-        for _ in range(int(count) - local):
-            yield last, False
+        return distributed.equal_count_batches(self.valid, len(self.valid), max_batches)
 
     def decode_tokens(self, ids: list[int]) -> list[str]:
         return [self.encoder.id_to_token(i) for i in ids]
-
-
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 class TaskMeter:
@@ -196,7 +181,7 @@ def validate(
     object_word_hits = torch.zeros(2, dtype=torch.float64)
     first_batch = attention = None
     for batch, counted in data.valid_batches(max_batches):
-        batch = _to_device(batch, device)
+        batch = B.to_device(batch, device)
         if first_batch is None:
             with capture_cross_attention(engine.module.model) as captured:
                 output = engine(batch, all_tasks)
@@ -327,7 +312,7 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopReques
         while step < last_step and batches_done < (epoch + 1) * batches_per_epoch:
             phase, task_weights = schedule.at(step)
             waited = time.monotonic()
-            batch = _to_device(next(batches), engine.device)
+            batch = B.to_device(next(batches), engine.device)
             data_wait += time.monotonic() - waited
             output = engine(batch, task_weights)
             if _fault_here(FAULT_NAN_AT_BATCH, batches_done, info.rank):
