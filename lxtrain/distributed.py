@@ -122,6 +122,44 @@ def fail_all(message: str) -> None:
     os._exit(1)
 
 
+# What gloo's and NCCL's transports say when a peer is gone or silent (they raise plain RuntimeErrors).
+_PEER_TIMEOUT_SIGNS = ("Timed out waiting", "timed out", "Timeout", "watchdog")
+_PEER_GONE_SIGNS = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "Connection refused",
+)
+
+
+def is_lost_peer_error(error: BaseException) -> bool:
+    """True when ``error`` comes from a collective whose peer died, hangs or cannot be reached."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    markers = ("gloo", "NCCL", "ProcessGroup") + _PEER_GONE_SIGNS
+    return isinstance(error, RuntimeError) and any(marker in text for marker in markers)
+
+
+def lost_peer_message(error: BaseException, where: str) -> str:
+    """A one-paragraph diagnosis of a failed collective: which rank, the likely cause, what to do."""
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if any(sign in text for sign in _PEER_TIMEOUT_SIGNS):
+        cause = (
+            "another rank did not answer within the collective timeout (--collective-timeout-s): "
+            "the network between the nodes is cut or a rank hangs"
+        )
+    elif any(sign in text for sign in _PEER_GONE_SIGNS):
+        cause = "the connection to another rank broke: that rank has most likely died (see its log)"
+    else:
+        cause = "a collective failed"
+    return (
+        f"rank {rank}: lost contact with another rank {where}: {cause} ({text}). "
+        "Fix the cause and rerun with --resume auto to continue from the last complete checkpoint."
+    )
+
+
 def all_true(flag: bool) -> bool:
     """True on every rank iff ``flag`` is true on every rank (a collective: call it on all ranks)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

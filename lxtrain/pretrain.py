@@ -47,16 +47,27 @@ from lxtrain.tasks.schedule import TaskSchedule, load_phases  # noqa: E402
 
 REQUEUE_MARKER = "REQUEUE"
 EXIT_NONFINITE = 3
-# Fault injection for the fault-tolerance tests (never set in normal runs): kill this process
-# with SIGKILL right after optimiser step N, or replace the loss of micro-batch N with NaN.
+# Fault injection for the fault-tolerance suite (lxtrain.faults; never set in normal runs). Each
+# takes a comma-separated list: kill this process with SIGKILL right after optimiser step N, or
+# while saving the checkpoint of step N (every rank's files written, the COMPLETE marker not yet),
+# or replace the loss of micro-batch N with NaN.
 FAULT_SIGKILL_AT_STEP = "LXTRAIN_FAULT_SIGKILL_AT_STEP"
+FAULT_SIGKILL_IN_SAVE = "LXTRAIN_FAULT_SIGKILL_IN_SAVE"
 FAULT_NAN_AT_BATCH = "LXTRAIN_FAULT_NAN_AT_BATCH"
 FAULT_RANK = "LXTRAIN_FAULT_RANK"  # restrict the faults above to this rank (default: every rank)
+FAULT_LOG_PREFIX = "lxtrain fault injection:"  # what lxtrain.faults reads to time the detection
 
 
 def _fault_here(variable: str, value: int, rank: int) -> bool:
     target_rank = os.environ.get(FAULT_RANK)
-    return os.environ.get(variable) == str(value) and (target_rank is None or target_rank == str(rank))
+    values = {item.strip() for item in os.environ.get(variable, "").split(",")}
+    return str(value) in values and (target_rank is None or target_rank == str(rank))
+
+
+def _kill_self(what: str, rank: int) -> None:
+    """SIGKILL this rank, first leaving a timestamped line for the fault suite's timing."""
+    print(f"{FAULT_LOG_PREFIX} SIGKILL rank {rank} {what} at {time.time():.3f}", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class StopRequested:
@@ -82,12 +93,19 @@ class PretrainData:
             seed=cfg.seed,
             num_workers=cfg.num_workers,
             tokenizer=cfg.tokenizer,
-            strict=cfg.strict_data,
             # Pinned batches on GPUs; the loader then also reuses shared-memory batch buffers.
             pin_memory=torch.cuda.is_available(),
         )
-        self.train = build_pretrain_loader(cfg.train_shards, **common)
-        self.valid = build_valid_loader(cfg.valid_shards, **common) if cfg.valid_shards else None
+        # A damaged training sample always stops the run: skipping it would change the batches
+        # from then on in a way resume cannot replay (see lxtrain.data.loader), so "nothing lost,
+        # resume exact" would no longer hold. --strict-data applies to validation, which only
+        # measures and may skip.
+        self.train = build_pretrain_loader(cfg.train_shards, strict=True, **common)
+        self.valid = (
+            build_valid_loader(cfg.valid_shards, strict=cfg.strict_data, **common)
+            if cfg.valid_shards
+            else None
+        )
         self.encoder = WordPieceEncoder(cfg.tokenizer)
         words = [w.strip() for w in (cfg.object_words or "").split(",") if w.strip()]
         self.object_word_ids = sorted({i for w in words for i in self.encoder.encode([w])[0][0] if i > 103})
@@ -302,7 +320,10 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopReques
             "reason": reason,
             "config": dataclasses.asdict(cfg),
         }
-        checkpoint.save(engine, checkpoint_dir, step, state, cfg.keep_last)
+        kill_in_save = None
+        if _fault_here(FAULT_SIGKILL_IN_SAVE, step, info.rank):
+            kill_in_save = lambda: _kill_self(f"while saving step {step}", info.rank)  # noqa: E731
+        checkpoint.save(engine, checkpoint_dir, step, state, cfg.keep_last, before_complete=kill_in_save)
         distributed.print0(f"checkpoint saved at step {step} ({reason})")
 
     engine.train()
@@ -316,6 +337,7 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopReques
             data_wait += time.monotonic() - waited
             output = engine(batch, task_weights)
             if _fault_here(FAULT_NAN_AT_BATCH, batches_done, info.rank):
+                print(f"{FAULT_LOG_PREFIX} NaN loss at micro-batch {batches_done} at {time.time():.3f}")
                 output.total = output.total * float("nan")
             batches_done += 1
             flags = torch.tensor(
@@ -326,10 +348,7 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopReques
                 try:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 except Exception as error:  # gloo/nccl raise when a peer process is gone
-                    distributed.fail_all(
-                        f"rank {info.rank}: lost contact with another rank at step {step} ({error}); "
-                        f"it has most likely died: see its log. Resume with --resume auto."
-                    )
+                    distributed.fail_all(distributed.lost_peer_message(error, f"at step {step}"))
             if flags[0]:
                 # A non-finite loss on any rank: every rank drops this micro-batch (no backward, no step).
                 bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
@@ -392,7 +411,7 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopReques
                 distributed.print0("stopping on signal: checkpoint saved, exiting for requeue")
                 return 0
             if _fault_here(FAULT_SIGKILL_AT_STEP, step, info.rank):
-                os.kill(os.getpid(), signal.SIGKILL)
+                _kill_self(f"after step {step}", info.rank)
             epoch_end = batches_done % batches_per_epoch == 0
             if step % cfg.save_every == 0 or epoch_end or step == last_step:
                 save("epoch end" if epoch_end else "periodic" if step < last_step else "final")
@@ -434,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(cfg, info, stop)
     except (ValueError, FileNotFoundError, RuntimeError, engine_setup.ConfigError) as error:
+        if distributed.is_lost_peer_error(error):  # a collective inside DeepSpeed (backward, step, save)
+            distributed.fail_all(distributed.lost_peer_message(error, "in a collective"))
         # The same message on every rank that hits it; os._exit so no rank waits in a collective.
         distributed.fail_all(str(error))
     return 1
