@@ -6,8 +6,6 @@ corpus. Runs that several tests compare are made once per module.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-ENTRY = str(REPO / "lxtrain" / "pretrain.py")
+from lxtrain.faults import ENTRY, REPO, assert_same_losses, pretrain_env, run_pretrain, step_losses
+
 pytestmark = pytest.mark.multiproc
 
 
@@ -41,79 +39,6 @@ def corpus(tmp_path_factory) -> Path:
         cwd=REPO,
     )
     return out / "shards"
-
-
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    env.update(extra or {})
-    return env
-
-
-def run_pretrain(
-    corpus: Path,
-    output: Path,
-    *args: str,
-    ranks: int = 2,
-    config: str = "cpu_tiny.json",
-    launcher: str = "deepspeed",
-    env: dict[str, str] | None = None,
-    port: int = 29610,
-    timeout: float = 420,
-) -> subprocess.CompletedProcess:
-    flags = [
-        "--deepspeed_config",
-        str(REPO / "ds_configs" / config),
-        "--train-shards",
-        str(corpus / "train"),
-        "--valid-shards",
-        str(corpus / "valid"),
-        "--output-dir",
-        str(output),
-        "--model",
-        "tiny",
-        "--num-workers",
-        "1",
-        "--log-every",
-        "1",
-        "--max-valid-batches",
-        "2",
-        *args,
-    ]
-    if launcher == "deepspeed":
-        command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), ENTRY, *flags]
-    elif launcher == "mpirun":
-        command = [
-            "mpirun",
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "-np",
-            str(ranks),
-            "-x",
-            f"MASTER_PORT={port}",
-            "-x",
-            "PYTHONPATH",
-            "-x",
-            "PATH",
-            sys.executable,
-            ENTRY,
-            *flags,
-        ]
-    else:
-        command = [sys.executable, ENTRY, *flags]
-        env = {"MASTER_PORT": str(port), **(env or {})}
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_env(env), timeout=timeout)
-
-
-def step_losses(output: Path) -> dict[int, dict[str, float]]:
-    """Per-step losses from train_log.jsonl; a later record of a step (after a resume) wins."""
-    records = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
-    return {record["step"]: record["loss"] for record in records}
-
-
-def assert_same_losses(left: dict[str, float], right: dict[str, float], tolerance: float) -> None:
-    assert left.keys() == right.keys()
-    for task in left:
-        assert abs(left[task] - right[task]) <= tolerance * max(1.0, abs(left[task])), (task, left, right)
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +177,7 @@ def test_bad_input_fails_before_training_with_a_clear_message(corpus, tmp_path, 
         capture_output=True,
         text=True,
         cwd=REPO,
-        env=_env({"MASTER_PORT": "29618"}),
+        env=pretrain_env({"MASTER_PORT": "29618"}),
         timeout=300,
     )
     assert result.returncode != 0

@@ -9,9 +9,7 @@ link between two addresses. Skipped unless the cluster is up:
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -20,48 +18,21 @@ from pathlib import Path
 
 import pytest
 
+from lxtrain import faults
+from lxtrain.faults import REPO, job_fields, job_log, submit
+from lxtrain.faults import step_losses as train_losses
+
 pytestmark = pytest.mark.multiproc
 
-REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 240
-FINISHED = {
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "NODE_FAIL",
-    "OUT_OF_MEMORY",
-    "BOOT_FAIL",
-    "DEADLINE",
-}
 
 
 @pytest.fixture(scope="module")
 def slurm_env() -> dict[str, str]:
     """The environment for Slurm client commands; skips unless a cluster with two usable nodes answers."""
-    conf = os.environ.get("LXTRAIN_SLURM_CONF")
-    if not conf:
-        pytest.skip(
-            "no local Slurm cluster: `bash .ci/slurm_cluster.sh start; source /tmp/lxtrain-slurm/env.sh`"
-        )
-    env = dict(os.environ, SLURM_CONF=conf, LXTRAIN_PYTHON=sys.executable)
-    wrappers = Path(conf).parent / "bin"  # client commands that reach the namespaced controller
-    if wrappers.is_dir():
-        env["PATH"] = f"{wrappers}{os.pathsep}{env['PATH']}"
-    try:
-        nodes = subprocess.run(
-            ["sinfo", "-h", "-N", "-o", "%N %t"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout.split("\n")
-    except (OSError, subprocess.SubprocessError) as error:
-        pytest.skip(f"Slurm cluster at {conf} does not answer: {error}")
-    usable = [line for line in nodes if re.fullmatch(r"\S+ (idle|mix|alloc)", line.strip())]
-    if len(usable) < 2:
-        pytest.skip(f"Slurm cluster at {conf} has fewer than two usable nodes: {nodes}")
+    env, why_not = faults.slurm_env()
+    if env is None:
+        pytest.skip(why_not)
     return env
 
 
@@ -80,59 +51,12 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "shards"
 
 
-def submit(
-    env: dict[str, str], run_dir: Path, sbatch_args: list[str], script_args: list[str], **lxtrain
-) -> str:
-    """Submits slurm/pretrain.sbatch; ``lxtrain`` gives LXTRAIN_* variables (output_dir is run_dir)."""
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    job_env = dict(env, LXTRAIN_OUTPUT_DIR=str(run_dir))
-    job_env.update({f"LXTRAIN_{key.upper()}": str(value) for key, value in lxtrain.items()})
-    result = subprocess.run(
-        # --output keeps Slurm's own stream out of the repository (it holds one line otherwise).
-        ["sbatch", "--parsable", f"--output={run_dir}/logs/%x-%j.out", *sbatch_args]
-        + ["slurm/pretrain.sbatch", *script_args],
-        cwd=REPO,
-        env=job_env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return result.stdout.strip().split(";")[0]
-
-
-def job_fields(env: dict[str, str], job_id: str) -> dict[str, str]:
-    text = subprocess.run(
-        ["scontrol", "-o", "show", "job", job_id],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", text))
-
-
 def wait_for_end(env: dict[str, str], job_id: str, run_dir: Path, timeout_s: float = JOB_TIMEOUT_S) -> dict:
     """Polls until the job is finished (not merely requeued); returns its scontrol fields."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        fields = job_fields(env, job_id)
-        if fields["JobState"] in FINISHED:
-            return fields
-        time.sleep(1)
-    subprocess.run(["scancel", job_id], env=env, timeout=30)
-    pytest.fail(f"job {job_id} still {fields['JobState']} after {timeout_s}s:\n{job_log(run_dir, job_id)}")
-
-
-def job_log(run_dir: Path, job_id: str) -> str:
-    return "".join(path.read_text() for path in sorted((run_dir / "logs").glob(f"*-{job_id}.out")))
-
-
-def train_losses(run_dir: Path) -> dict[int, dict[str, float]]:
-    """step -> {task: loss} from the run's train_log.jsonl (the last entry wins for a repeated step)."""
-    lines = (run_dir / "train_log.jsonl").read_text().splitlines()
-    return {record["step"]: record["loss"] for record in map(json.loads, lines)}
+    try:
+        return faults.wait_for_job_end(env, job_id, timeout_s)
+    except TimeoutError as error:
+        pytest.fail(f"{error}:\n{job_log(run_dir, job_id)}")
 
 
 def test_allreduce_across_both_nodes(slurm_env: dict[str, str], tmp_path: Path) -> None:

@@ -51,6 +51,10 @@ from lxtrain.data.tokenizer import MAX_LENGTH, WordPieceEncoder
 log = logging.getLogger("lxtrain.data")
 
 _STRUCTURE, _CONTENT = 0, 1  # random-stream tags: buffer bookkeeping vs per-batch content
+DAMAGED_SHARD_FIX = (
+    "The shard is damaged: re-run the conversion that wrote it (python -m lxtrain.data.make_shards, "
+    "or lxtrain.data.synthetic --shards) or restore it from a copy, then rerun with --resume auto"
+)
 
 
 @dataclass
@@ -139,7 +143,7 @@ class _ImageSource:
 
     def _bad(self, message: str) -> None:
         if self.strict:
-            raise DataError(message)
+            raise DataError(f"{message}. {DAMAGED_SHARD_FIX}")
         with self.counter.get_lock():
             self.counter.value += 1
         log.warning("skipping corrupt sample: %s (%d skipped so far)", message, self.counter.value)
@@ -421,9 +425,22 @@ class PretrainLoader:
         # torch then recognises each arriving buffer and reuses the mapping instead of mapping
         # (and page-faulting) it afresh for every batch. It costs no memory: the ring exists anyway.
         recent: deque = deque(maxlen=(config.prefetch_factor + 2) * workers if shared and workers else 0)
-        for batch in loader:
-            recent.append(batch)
-            yield batch
+        try:
+            for batch in loader:
+                recent.append(batch)
+                yield batch
+        except DataError as error:
+            raise DataError(_worker_error_message(error)) from None
+
+
+def _worker_error_message(error: DataError) -> str:
+    """The message a data-loader worker raised, without the traceback torch wraps it in."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    marker = f"{DataError.__module__}.{DataError.__qualname__}: "
+    last = text.rstrip().rsplit(marker, 1)
+    return last[1].strip() if len(last) == 2 else text
 
     def _advance(self) -> None:
         self.batches_consumed = 0
