@@ -141,8 +141,8 @@ def _save_failure_message(directory: Path, tag: str, error: BaseException) -> st
     previous = find_resume_tag(directory)
     resume_from = f"{directory / previous}" if previous else "the start (no complete checkpoint yet)"
     return (
-        f"{directory / tag}: saving the checkpoint failed ({type(error).__name__}: {error}; "
-        f"{', '.join(causes) or 'no limit found'}). The disk is full or a quota / file-size limit was "
+        f"{directory / tag}: saving the checkpoint failed: {', '.join(causes) or 'no limit found'} "
+        f"({type(error).__name__}: {error}). The disk is full or a quota / file-size limit was "
         f"hit: make room (or raise the limit) and rerun with --resume auto, which continues from "
         f"{resume_from}; the incomplete {tag} is never resumed and is removed at the next save"
     )

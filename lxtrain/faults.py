@@ -134,12 +134,14 @@ class Run:
                 continue
             try:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
             except OSError:
                 continue
-            if int(fields[2]) == group and "pretrain.py" in cmdline:
+            # `python [-u] .../pretrain.py ...`; launchers run a module or their own script instead.
+            script = next((arg for arg in argv[1:] if not arg.startswith("-")), "")
+            if int(fields[2]) == group and script.endswith("pretrain.py"):
                 members[int(entry.name)] = int(fields[1])  # pid -> parent pid
-        # A data-loader worker is a fork of a rank, so its parent runs pretrain.py too.
+        # A data-loader worker is a fork of a rank, with the same command line.
         return sorted(pid for pid, parent in members.items() if parent not in members)
 
     def wait(self, timeout: float) -> RunResult:

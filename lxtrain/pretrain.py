@@ -348,6 +348,8 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopReques
                 try:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 except Exception as error:  # gloo/nccl raise when a peer process is gone
+                    if not distributed.is_lost_peer_error(error):
+                        raise  # e.g. this rank's data-loader worker died while we waited
                     distributed.fail_all(distributed.lost_peer_message(error, f"at step {step}"))
             if flags[0]:
                 # A non-finite loss on any rank: every rank drops this micro-batch (no backward, no step).
