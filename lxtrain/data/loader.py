@@ -432,6 +432,11 @@ class PretrainLoader:
         except DataError as error:
             raise DataError(_worker_error_message(error)) from None
 
+    def _advance(self) -> None:
+        self.batches_consumed = 0
+        if not self.fixed_epoch:
+            self.epoch += 1
+
 
 def _worker_error_message(error: DataError) -> str:
     """The message a data-loader worker raised, without the traceback torch wraps it in."""
@@ -441,11 +446,6 @@ def _worker_error_message(error: DataError) -> str:
     marker = f"{DataError.__module__}.{DataError.__qualname__}: "
     last = text.rstrip().rsplit(marker, 1)
     return last[1].strip() if len(last) == 2 else text
-
-    def _advance(self) -> None:
-        self.batches_consumed = 0
-        if not self.fixed_epoch:
-            self.epoch += 1
 
 
 def build_pretrain_loader(

@@ -110,6 +110,9 @@ def load_npy(data: bytes | bytearray) -> np.ndarray:
         if len(data) - offset != count * dtype.itemsize:
             raise ValueError(f"{len(data) - offset} data bytes for shape {shape} {dtype}")
         return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    if data[:6] != _NPY_MAGIC[:6]:
+        # np.load would take anything else for a pickle and advise allow_pickle: never here.
+        raise ValueError(f"not an npy array (starts with {bytes(data[:8])!r})")
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
