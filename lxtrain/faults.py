@@ -759,7 +759,10 @@ def network_cut(suite: Suite, cut_after_step: int = 5, collective_timeout_s: int
     if env is None:
         return Row(fault, f"not run: {why}", None, None, "-", False, [why])
     output = suite.work / "network_cut"
-    job_args = suite.args("--collective-timeout-s", str(collective_timeout_s))
+    # The same data layout and logging as the local reference run (pretrain_command's flags).
+    job_args = suite.args(
+        "--num-workers", "1", "--log-every", "1", "--collective-timeout-s", str(collective_timeout_s)
+    )
     variables = dict(ds_config="ds_configs/cpu_tiny.json", train_shards=suite.corpus / "train", model="tiny")
     job = submit(env, output, ["--nodes=2", "--ntasks-per-node=1", "--no-requeue"], job_args, **variables)
     problems: list[str] = []
@@ -795,9 +798,10 @@ def network_cut(suite: Suite, cut_after_step: int = 5, collective_timeout_s: int
     start, equal_text, equal = compare_resumed(suite, output, resumed)
     if not equal:
         problems.append(f"resumed job {resumed_fields['JobState']}: {resumed_log[-1500:]}")
+    reporting = len(re.findall(r"\[rank \d+\] error: rank \d+: lost contact", log))
     happened = (
-        f"job {fields['JobState']} {ended_at - cut_at:.0f} s after the cut: “{message}”; link healed, "
-        f"resubmitted, resumed from step {start}"
+        f"job {fields['JobState']} {ended_at - cut_at:.0f} s after the cut, {reporting} of 2 ranks: “{message}”; "
+        f"link healed, resubmitted, resumed from step {start}"
     )
     detect = None if stopped_at is None else stopped_at - cut_at
     return Row(fault, happened, detect, max(0, last_done - start), equal_text, not problems, problems)
