@@ -477,7 +477,7 @@ class Suite:
     epochs: int = 2
     save_every: int = 2
     detect_bound_s: float = 180.0
-    port: int = 29650
+    port: int = 29750
     reference: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
     steps_per_epoch: int = 0
 
@@ -752,7 +752,10 @@ def nan_loss(suite: Suite) -> Row:
     )
 
 
-def network_cut(suite: Suite, cut_after_step: int = 5, collective_timeout_s: int = 20) -> Row:
+CUT_DETECTED = r"lost contact with another rank[^\n]*|CANCELLED AT \S+ DUE TO NODE FAILURE"
+
+
+def network_cut(suite: Suite, cut_after_step: int = 5, collective_timeout_s: int = 10) -> Row:
     """The veth link between the two Slurm nodes goes down mid-run; healed, the job is resubmitted."""
     fault = "network cut between the two Slurm nodes"
     env, why = slurm_env()
@@ -772,9 +775,12 @@ def network_cut(suite: Suite, cut_after_step: int = 5, collective_timeout_s: int
     subprocess.run(["bash", str(SLURM_CLUSTER), "cut"], check=True, capture_output=True, timeout=30)
     cut_at = time.time()
     stopped_at = None
-    try:
+    try:  # the ranks' own timeout, or Slurm declaring the unreachable node dead, ends the job
         while stopped_at is None and time.time() - cut_at < 300:
-            if len(re.findall(r"lost contact with another rank", job_log(output, job))) >= 1:
+            if (
+                re.search(CUT_DETECTED, job_log(output, job))
+                or job_fields(env, job)["JobState"] in SLURM_FINISHED
+            ):
                 stopped_at = time.time()
             time.sleep(0.2)
     finally:
@@ -785,7 +791,7 @@ def network_cut(suite: Suite, cut_after_step: int = 5, collective_timeout_s: int
         fields = {"JobState": str(error)}
     ended_at = time.time()
     log = job_log(output, job)
-    message = _snippet(log, r"lost contact with another rank[^\n]*")
+    message = _snippet(log, CUT_DETECTED)
     if message is None or stopped_at is None:
         problems.append("no rank reported the lost contact")
     last_done = max(step_losses(output), default=0)

@@ -164,8 +164,8 @@ def test_disk_full_while_saving_stops_with_the_cause_and_resumes_exactly(suite):
     assert row.ok, row.problems
     log = (suite.work / "disk_full" / "fault_run.log").read_text()
     failed = [line for line in log.splitlines() if "saving the checkpoint failed" in line]
-    # Both ranks write files bigger than the limit, so both report it, naming the directory and cause.
-    assert len(failed) == 2, log[-3000:]
+    # The first rank whose write fails reports it and exits; the launcher then stops the other.
+    assert failed and log.startswith("exit 1"), log[-3000:]
     assert all(str(suite.work / "disk_full" / "checkpoints" / "step00000004") in line for line in failed)
     assert all("file-size limit (ulimit -f) of 1048576 bytes" in line for line in failed)
     assert "resumed from step 2" in row.happened and row.equal.startswith("yes (steps 3-4")
