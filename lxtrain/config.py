@@ -53,7 +53,8 @@ class PretrainConfig:
     num_workers: int = 2
     """Data-loader worker processes per rank."""
     strict_data: bool = False
-    """Stop on a corrupt sample instead of skipping it with a warning."""
+    """Validation: stop on a corrupt sample instead of skipping it with a warning (damaged
+    training data always stops the run, naming the shard and the fix)."""
     visual_loss_normalizer: str = "release"
     """release (1/0.15, the reference and the paper) or hf (6.67, HF transformers)."""
     warmup_fraction: float = 0.05

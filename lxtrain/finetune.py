@@ -218,7 +218,8 @@ def run(cfg: FinetuneConfig, info: distributed.DistributedInfo, stop: StopReques
         if info.is_main and tag is not None:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+            with checkpoint.weights_only_loads():  # never unpickle code from the checkpoint
+                state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
             state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
             weights.save_finetuned(state, model_config, cfg.task, train_index.answers, output_dir / name)
             distributed.print0(f"exported {tag} to {output_dir / name}")

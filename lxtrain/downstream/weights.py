@@ -130,7 +130,8 @@ def _read_checkpoint(directory: Path, tag: str) -> tuple[dict[str, torch.Tensor]
             "pre-trained weights (score fine-tuned models with python -m lxtrain.evaluate)"
         )
     config = LxmertConfig.from_dict(record["model"])
-    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+    with checkpoint.weights_only_loads():  # never unpickle code from the checkpoint
+        consolidated = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
     prefix = "model."  # the pre-training objective holds the network as .model
     state = {k[len(prefix) :]: v.float() for k, v in consolidated.items() if k.startswith(prefix)}
     convert.check_state_dict(state, config, str(directory / tag))
