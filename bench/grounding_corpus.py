@@ -26,6 +26,7 @@ import time
 import torch
 
 from lxtrain import batch as B
+from lxtrain.config import MODEL_PRESET_SIZES
 from lxtrain.data.index import open_index
 from lxtrain.data.loader import build_pretrain_loader, build_valid_loader
 from lxtrain.data.synthetic import OBJECT_CLASSES
@@ -83,14 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     train, valid = f"{args.shards}/train", f"{args.shards}/valid"
     index = open_index(train)
+    # The tiny preset's shape, at the width asked for.
+    width = {"hidden_size": args.hidden, "intermediate_size": 2 * args.hidden}
     config = LxmertConfig(
-        hidden_size=args.hidden,
-        num_attention_heads=4,
-        intermediate_size=2 * args.hidden,
-        num_language_layers=2,
-        num_object_layers=1,
-        num_cross_layers=1,
-        max_position_embeddings=64,
+        **{**MODEL_PRESET_SIZES["tiny"], **width},
         visual_feature_dim=index.feature_dim,
         num_qa_labels=len(index.answers),
     )

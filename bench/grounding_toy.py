@@ -30,6 +30,7 @@ import sys
 import torch
 
 from lxtrain import batch as B
+from lxtrain.config import MODEL_PRESET_SIZES
 from lxtrain.model.config import LxmertConfig
 from lxtrain.model.lxmert import LxmertForPretraining
 from lxtrain.tasks.objectives import PretrainingObjective
@@ -149,16 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     feature_dim = 64
     embeddings = torch.randn(NUM_CLASSES + NUM_BACKGROUND, feature_dim)
+    # The tiny preset's shape, at the width asked for.
+    width = {"hidden_size": args.hidden, "intermediate_size": 2 * args.hidden}
     config = LxmertConfig(
-        hidden_size=args.hidden,
-        num_attention_heads=4,
-        intermediate_size=2 * args.hidden,
-        num_language_layers=2,
-        num_object_layers=1,
-        num_cross_layers=1,
-        max_position_embeddings=64,
-        visual_feature_dim=feature_dim,
-        num_qa_labels=2,
+        **{**MODEL_PRESET_SIZES["tiny"], **width}, visual_feature_dim=feature_dim, num_qa_labels=2
     )
     model = (Lxtrain if args.impl == "lxtrain" else HuggingFace)(config, args.task)
     optimizer = torch.optim.AdamW(model.module.parameters(), lr=args.lr, weight_decay=0.01, eps=1e-6)

@@ -9,7 +9,29 @@ from pathlib import Path
 from lxtrain.model.config import LxmertConfig
 from lxtrain.tasks.schedule import RECIPES
 
-MODEL_PRESETS = ("tiny", "small", "base")
+# LxmertConfig fields each preset sets (the rest keep LXMERT-base's values); the feature
+# dimension and answer count come from the shards.
+MODEL_PRESET_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_language_layers=2,
+        num_object_layers=1,
+        num_cross_layers=1,
+        max_position_embeddings=64,
+    ),
+    "small": dict(
+        hidden_size=256,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        num_language_layers=3,
+        num_object_layers=2,
+        num_cross_layers=2,
+    ),
+    "base": {},
+}
+MODEL_PRESETS = tuple(MODEL_PRESET_SIZES)
 
 
 @dataclasses.dataclass
@@ -98,27 +120,7 @@ class PretrainConfig:
         data_sizes = {"visual_feature_dim": feature_dim, "num_qa_labels": num_answers}
         data_sizes = {key: value for key, value in data_sizes.items() if value is not None}
         if self.model in MODEL_PRESETS:
-            presets = {
-                "base": {},
-                "small": dict(
-                    hidden_size=256,
-                    num_attention_heads=4,
-                    intermediate_size=1024,
-                    num_language_layers=3,
-                    num_object_layers=2,
-                    num_cross_layers=2,
-                ),
-                "tiny": dict(
-                    hidden_size=64,
-                    num_attention_heads=4,
-                    intermediate_size=128,
-                    num_language_layers=2,
-                    num_object_layers=1,
-                    num_cross_layers=1,
-                    max_position_embeddings=64,
-                ),
-            }
-            return LxmertConfig(**presets[self.model], **data_sizes)
+            return LxmertConfig(**MODEL_PRESET_SIZES[self.model], **data_sizes)
         config = LxmertConfig.load(self.model)
         for key, value in data_sizes.items():
             if getattr(config, key) != value:
