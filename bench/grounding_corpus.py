@@ -14,7 +14,15 @@ model from grounding words in boxes (see docs/grounding.md):
 - ``--mismatch P``: share of examples whose sentence comes from another image (0.5 in pre-training);
 - ``--object-words-only``: masked-LM labels only at object words (the others are dropped);
 - ``--unmasked``: the network sees the original RoI features (no 15% object masking);
-- ``--zero-visual-input``: the no-vision control.
+- ``--zero-visual-input``: the no-vision control;
+- ``--word-mask P``: masked-LM selection rate (0.15 in LXMERT);
+- ``--mask-all-object-words N``: for the first N steps (-1: all), every object word is replaced
+  by [MASK] and labelled and no other word is (the densest grounding signal the sentences hold);
+  afterwards the loader's masks;
+- ``--dropout P`` and ``--clip N`` (0: no gradient clipping): optimisation knobs;
+- ``--grad-every N``: print the global gradient norm and the part of it from the RoI-feature
+  projection's bias every N steps (masked boxes are all-zero features, so at initialisation that
+  bias feeds a LayerNorm a constant vector and its gradient dominates the clipped global norm).
 """
 
 from __future__ import annotations
@@ -37,10 +45,20 @@ from lxtrain.tasks.masking import IGNORE_INDEX
 from lxtrain.tasks.objectives import TASKS, PretrainingObjective
 
 
-def object_word_ids() -> torch.Tensor:
+def object_word_ids() -> tuple[torch.Tensor, int]:
+    """(ids of the class nouns, id of [MASK]) in the BERT vocabulary."""
     encoder = WordPieceEncoder()
     ids, _ = encoder.encode([name for name, _ in OBJECT_CLASSES])
-    return torch.from_numpy(ids[:, 1]).long()  # [CLS] word [SEP]: every class noun is one piece
+    return torch.from_numpy(ids[:, 1]).long(), encoder.mask_id  # [CLS] word [SEP]: one piece each
+
+
+def mask_all_object_words(batch: dict, object_words: torch.Tensor, mask_id: int) -> None:
+    """Replace every object word by [MASK] and label only those positions (in place)."""
+    labels, ids = batch[B.MLM_LABELS], batch[B.INPUT_IDS]
+    original = torch.where(labels != IGNORE_INDEX, labels, ids)
+    is_object_word = torch.isin(original, object_words)
+    batch[B.INPUT_IDS] = torch.where(is_object_word, mask_id, ids)
+    batch[B.MLM_LABELS] = torch.where(is_object_word, original, IGNORE_INDEX)
 
 
 @torch.no_grad()
@@ -77,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--object-words-only", action="store_true")
     parser.add_argument("--unmasked", action="store_true")
     parser.add_argument("--zero-visual-input", action="store_true")
+    parser.add_argument("--word-mask", type=float, default=0.15, help="masked-LM selection rate")
+    parser.add_argument("--mask-all-object-words", type=int, default=0, metavar="STEPS")
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: none)")
+    parser.add_argument("--grad-every", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -90,19 +113,29 @@ def main(argv: list[str] | None = None) -> int:
         **{**MODEL_PRESET_SIZES["tiny"], **width},
         visual_feature_dim=index.feature_dim,
         num_qa_labels=len(index.answers),
+        hidden_dropout_prob=args.dropout,
+        attention_probs_dropout_prob=args.dropout,
     )
     objective = PretrainingObjective(LxmertForPretraining(config), zero_visual_input=args.zero_visual_input)
     optimizer = torch.optim.AdamW(objective.parameters(), lr=args.lr, weight_decay=0.01, eps=1e-6)
     tasks = dict.fromkeys(args.tasks.split(","), 1.0)
-    object_words = object_word_ids()
+    object_words, mask_id = object_word_ids()
     loader = build_pretrain_loader(
-        train, args.batch, num_workers=1, seed=args.seed, mismatch_probability=args.mismatch
+        train,
+        args.batch,
+        num_workers=1,
+        seed=args.seed,
+        mismatch_probability=args.mismatch,
+        word_mask_probability=args.word_mask,
     )
+    feature_bias = objective.model.backbone.object_embeddings.feature_proj.bias
     started, step, epoch = time.monotonic(), 0, 0
     while step < args.steps:
         loader.set_epoch(epoch)
         for batch in loader:
-            if args.object_words_only:
+            if args.mask_all_object_words < 0 or step < args.mask_all_object_words:
+                mask_all_object_words(batch, object_words, mask_id)
+            elif args.object_words_only:
                 labels = batch[B.MLM_LABELS]
                 batch[B.MLM_LABELS] = torch.where(torch.isin(labels, object_words), labels, IGNORE_INDEX)
             if args.unmasked:
@@ -110,7 +143,13 @@ def main(argv: list[str] | None = None) -> int:
             out = objective(batch, tasks)
             optimizer.zero_grad()
             out.total.backward()
-            torch.nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
+            bias_norm = float(feature_bias.grad.norm()) if feature_bias.grad is not None else 0.0
+            max_norm = args.clip if args.clip > 0 else float("inf")
+            total_norm = float(torch.nn.utils.clip_grad_norm_(objective.parameters(), max_norm))
+            if args.grad_every and step % args.grad_every == 0:
+                print(
+                    f"step {step:5d}  gradient norm {total_norm:.1f}, of it feature_proj.bias {bias_norm:.1f}"
+                )
             optimizer.step()
             step += 1
             if step % args.every == 0:
