@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lxtrain.faults import ENTRY, REPO, assert_same_losses, pretrain_env, run_pretrain, step_losses
 
@@ -59,6 +60,23 @@ def test_deepspeed_launcher_trains_with_finite_losses_and_exports(straight_run):
 
     model = load_model("lxtrain", straight_run / "export")  # the export is what convert/fine-tune read
     assert model.config.visual_feature_dim == 32
+
+
+def test_export_after_the_fact_matches_the_runs_own_export(straight_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from lxtrain.export import export_run, main
+
+    newest = export_run(straight_run, destination=tmp_path / "newest")
+    earlier = export_run(straight_run, tag="step00000004", destination=tmp_path / "step4")
+    final = load_file(straight_run / "export" / "model.safetensors")
+    assert load_file(newest / "model.safetensors").keys() == final.keys()
+    assert all(torch.equal(t, final[k]) for k, t in load_file(newest / "model.safetensors").items())
+    assert any(not torch.equal(t, final[k]) for k, t in load_file(earlier / "model.safetensors").items())
+    assert main([str(straight_run), "--tag", "step00000005", "--out", str(tmp_path / "x")]) == 2
+    assert "have: step00000002, step00000004, step00000006" in capsys.readouterr().err
+    assert main([str(tmp_path / "not-a-run")]) == 2
+    assert "run_config.json not found" in capsys.readouterr().err
 
 
 def test_tensorboard_holds_the_promised_tags(straight_run):
