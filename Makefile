@@ -1,7 +1,7 @@
 # The commands the README documents. Python is whatever `python3` is on PATH.
 PYTHON ?= python3
 
-.PHONY: install demo test test-all lint
+.PHONY: install demo demo-grounding test test-all lint
 
 install:  ## CPU install: the pinned CPU torch first (a plain `torch` pulls a multi-GB CUDA build)
 	$(PYTHON) -m pip install -q torch==2.13.0
@@ -9,6 +9,9 @@ install:  ## CPU install: the pinned CPU torch first (a plain `torch` pulls a mu
 
 demo: install  ## synthetic corpus -> shards -> a few minutes of DeepSpeed pre-training on CPU -> summary
 	$(PYTHON) -m lxtrain.demo
+
+demo-grounding: install  ## the grounding setting: ~5,200 steps in an easier world, where grounding shows (~1 h on 2 cores)
+	$(PYTHON) -m lxtrain.demo --setting grounding
 
 test:  ## the test suite CI runs (Slurm tests run when .ci/slurm_cluster.sh has started the local cluster)
 	$(PYTHON) -m pytest -q -m "not slow and not gpu"

@@ -10,6 +10,11 @@
    weights, same architecture);
 4. each run's best model scored by ``python -m lxtrain.evaluate`` on the held-out split.
 
+``--pretrained-run DIR`` skips steps 1's corpus and pre-training and starts from an existing
+``pretrain.py`` run (its export, made with ``python -m lxtrain.export`` when missing), e.g. the
+grounding demo's ``runs/demo_grounding/pretrain`` with ``--boxes 10 --max-objects 1`` for the task
+sets of the same world.
+
 Prints a table, writes ``OUT/summary_lr<LR>_ep<EPOCHS>.json``, and exits 1 if pre-training does not beat scratch on
 every task (the claim under test). Steps already done (shards, runs) are reused when re-run.
 """
@@ -50,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_finetune")
     parser.add_argument("--feature-dim", type=int, default=64)
+    parser.add_argument("--boxes", type=int, default=36, help="regions per synthetic image")
+    parser.add_argument("--max-objects", type=int, default=6, help="objects per synthetic image")
+    parser.add_argument(
+        "--pretrained-run", type=Path, help="an existing pretrain.py output directory to fine-tune from"
+    )
     parser.add_argument("--pretrain-images", type=int, default=1500)
     parser.add_argument("--pretrain-epochs", type=float, default=6.0)
     parser.add_argument(
@@ -69,8 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
+    world = [
+        "--feature-dim",
+        str(args.feature_dim),
+        "--boxes",
+        str(args.boxes),
+        "--max-objects",
+        str(args.max_objects),
+    ]
     corpus = out / "corpus"
-    if not (corpus / "shards" / "train" / "index.json").exists():
+    pretrain_dir = args.pretrained_run.resolve() if args.pretrained_run else out / "pretrain"
+    if args.pretrained_run and not (pretrain_dir / "export" / "model.safetensors").exists():
+        sh([sys.executable, "-m", "lxtrain.export", str(pretrain_dir)], log)
+    if not args.pretrained_run and not (corpus / "shards" / "train" / "index.json").exists():
         sh(
             [
                 sys.executable,
@@ -80,13 +101,11 @@ def main(argv: list[str] | None = None) -> int:
                 str(corpus),
                 "--images",
                 str(args.pretrain_images),
-                "--feature-dim",
-                str(args.feature_dim),
+                *world,
                 "--shards",
             ],
             log,
         )
-    pretrain_dir = out / "pretrain"
     if not (pretrain_dir / "export" / "model.safetensors").exists():
         t0 = time.perf_counter()
         sh(
@@ -131,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.task_images),
                 "--sets",
                 str(args.task_sets),
-                "--feature-dim",
-                str(args.feature_dim),
+                *world,
                 "--shards",
             ],
             log,
@@ -193,9 +211,14 @@ def main(argv: list[str] | None = None) -> int:
                 (run_dir / "eval" / "metrics.json").read_text()
             )["metrics"]
 
+    source = (
+        f"the run {pretrain_dir}"
+        if args.pretrained_run
+        else f"tiny model, {args.pretrain_images} images x {args.pretrain_epochs:g} epochs ({args.recipe} recipe)"
+    )
     print(
-        f"\nPre-training: tiny model, {args.pretrain_images} images x {args.pretrain_epochs:g} epochs "
-        f"({args.recipe} recipe); its validation QA accuracy {100 * pretrain_valid['acc'].get('qa', 0):.1f}%"
+        f"\nPre-training: {source}, step {pretrain_valid['step']}; "
+        f"its validation QA accuracy {100 * pretrain_valid['acc'].get('qa', 0):.1f}%"
     )
     print(
         f"Fine-tuning: {args.finetune_epochs:g} epochs, lr {args.lr}, batch 32, same seed; best validation checkpoint"
