@@ -15,14 +15,16 @@
 grounding demo's ``runs/demo_grounding/pretrain`` with ``--boxes 10 --max-objects 1`` for the task
 sets of the same world.
 
-Prints a table, writes ``OUT/summary_lr<LR>_ep<EPOCHS>.json``, and exits 1 if pre-training does not beat scratch on
-every task (the claim under test). Steps already done (shards, runs) are reused when re-run.
+Prints a table, writes ``OUT/summary_lr<LR>_ep<EPOCHS>.json``, and exits 1 unless pre-training beats
+scratch on every task by more than two standard errors of the accuracy difference (the claim under
+test). Steps already done (shards, runs) are reused when re-run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -43,6 +45,17 @@ def sh(command: list[str], log: Path) -> None:
         ).returncode
     if status:
         raise SystemExit(f"failed ({status}): see {log}\n" + "".join(log.read_text().splitlines(True)[-30:]))
+
+
+def margin(pretrained: dict, scratch: dict) -> tuple[float, float]:
+    """(accuracy lead of pre-trained over scratch, standard error of that difference).
+
+    Binomial standard errors of two independent accuracies on ``count`` examples each: a lead
+    of a few examples on a small validation split is noise, not a win.
+    """
+    a, b = pretrained["accuracy"], scratch["accuracy"]
+    n = max(1, int(pretrained["count"]))
+    return a - b, math.sqrt((a * (1 - a) + b * (1 - b)) / n)
 
 
 def launcher(args: argparse.Namespace, script: str) -> list[str]:
@@ -233,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         for kind, value in pair["pretrained"].get("per_answer_type", {}).items():
             other = pair["scratch"]["per_answer_type"].get(kind, float("nan"))
             print(f"{'  ' + task + ' ' + kind:34s} {100 * value:11.2f}% {100 * other:8.2f}%")
-        wins &= pair["pretrained"]["accuracy"] > pair["scratch"]["accuracy"]
+        lead, noise = margin(pair["pretrained"], pair["scratch"])
+        verdict = "win" if lead > 2 * noise else "tie" if lead > -2 * noise else "loss"
+        print(f"{'  ' + task + ' lead':34s} {100 * lead:+11.2f} points (2 s.e. {200 * noise:.2f}): {verdict}")
+        wins &= verdict == "win"
     timings["total_s"] = round(time.perf_counter() - started, 1)
     summary = {
         "args": {k: str(v) for k, v in vars(args).items()},
