@@ -20,6 +20,8 @@ model from grounding words in boxes (see docs/grounding.md):
   by [MASK] and labelled and no other word is (the densest grounding signal the sentences hold);
   afterwards the loader's masks;
 - ``--dropout P`` and ``--clip N`` (0: no gradient clipping): optimisation knobs;
+- ``--decay``: the demo's schedule (5% linear warm-up, then linear decay to 0 at ``--steps``)
+  instead of a constant learning rate;
 - ``--grad-every N``: print the global gradient norm and the part of it from the RoI-feature
   projection's bias every N steps (masked boxes are all-zero features, so at initialisation that
   bias feeds a LayerNorm a constant vector and its gradient dominates the clipped global norm).
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mask-all-object-words", type=int, default=0, metavar="STEPS")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: none)")
+    parser.add_argument("--decay", action="store_true", help="5%% warm-up, then linear decay to 0")
     parser.add_argument("--grad-every", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -118,6 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     objective = PretrainingObjective(LxmertForPretraining(config), zero_visual_input=args.zero_visual_input)
     optimizer = torch.optim.AdamW(objective.parameters(), lr=args.lr, weight_decay=0.01, eps=1e-6)
+    warmup = max(1, int(0.05 * args.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: (
+            min((step + 1) / warmup, max(0.0, (args.steps - step) / (args.steps - warmup)))
+            if args.decay
+            else 1.0
+        ),
+    )
     tasks = dict.fromkeys(args.tasks.split(","), 1.0)
     object_words, mask_id = object_word_ids()
     loader = build_pretrain_loader(
@@ -151,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"step {step:5d}  gradient norm {total_norm:.1f}, of it feature_proj.bias {bias_norm:.1f}"
                 )
             optimizer.step()
+            schedule.step()
             step += 1
             if step % args.every == 0:
                 accuracy = evaluate(objective, valid, object_words)

@@ -31,11 +31,18 @@ def model_config_of(run_dir: Path) -> LxmertConfig:
     if not path.is_file():
         raise ExportError(f"{path} not found: RUN_DIR must be a pretrain.py --output-dir")
     try:
-        return LxmertConfig(**json.loads(path.read_text())["model"])
+        record = json.loads(path.read_text())
+        config = LxmertConfig(**record["model"])
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ExportError(
             f"{path}: no readable 'model' section ({error}); was it written by pretrain.py?"
         ) from None
+    if "task" in record.get("lxtrain", {}):
+        # Fine-tuning checkpoints hold a task head and no pre-training heads: not this format.
+        raise ExportError(
+            f"{path} is a finetune.py run; finetune.py writes its exports itself ({run_dir / 'best'}, {run_dir / 'export'})"
+        )
+    return config
 
 
 def export_run(run_dir: Path, tag: str | None = None, destination: Path | None = None) -> Path:

@@ -6,6 +6,7 @@ corpus. Runs that several tests compare are made once per module.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,13 @@ def test_export_after_the_fact_matches_the_runs_own_export(straight_run, tmp_pat
     assert "have: step00000002, step00000004, step00000006" in capsys.readouterr().err
     assert main([str(tmp_path / "not-a-run")]) == 2
     assert "run_config.json not found" in capsys.readouterr().err
+    finetune_run = tmp_path / "finetune-run"
+    finetune_run.mkdir()
+    record = json.loads((straight_run / "run_config.json").read_text())
+    record["lxtrain"]["task"] = "vqa"
+    (finetune_run / "run_config.json").write_text(json.dumps(record))
+    assert main([str(finetune_run)]) == 2
+    assert "is a finetune.py run" in capsys.readouterr().err
 
 
 def test_tensorboard_holds_the_promised_tags(straight_run):
