@@ -10,7 +10,7 @@
    weights, same architecture);
 4. each run's best model scored by ``python -m lxtrain.evaluate`` on the held-out split.
 
-``--pretrained-run DIR`` skips steps 1's corpus and pre-training and starts from an existing
+``--pretrained-run DIR`` skips step 1 (corpus and pre-training) and starts from an existing
 ``pretrain.py`` run (its export, made with ``python -m lxtrain.export`` when missing), e.g. the
 grounding demo's ``runs/demo_grounding/pretrain`` with ``--boxes 10 --max-objects 1`` for the task
 sets of the same world.
