@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from lxtrain.data.synthetic import World
+
 REPO = Path(__file__).resolve().parent.parent
 VALID_SPLIT = {"vqa": "minival", "gqa": "testdev", "nlvr2": "valid"}
 
@@ -92,14 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
-    world = [
-        "--feature-dim",
-        str(args.feature_dim),
-        "--boxes",
-        str(args.boxes),
-        "--max-objects",
-        str(args.max_objects),
-    ]
+    world = World(
+        feature_dim=args.feature_dim, boxes=args.boxes, max_objects=args.max_objects
+    ).size_arguments()
     corpus = out / "corpus"
     pretrain_dir = args.pretrained_run.resolve() if args.pretrained_run else out / "pretrain"
     if args.pretrained_run and not (pretrain_dir / "export" / "model.safetensors").exists():

@@ -155,10 +155,12 @@ def main(argv: list[str] | None = None) -> int:
             out = objective(batch, tasks)
             optimizer.zero_grad()
             out.total.backward()
-            bias_norm = float(feature_bias.grad.norm()) if feature_bias.grad is not None else 0.0
+            report_gradient = args.grad_every and step % args.grad_every == 0
+            if report_gradient:  # read before clipping, which scales gradients in place
+                bias_norm = float(feature_bias.grad.norm()) if feature_bias.grad is not None else 0.0
             max_norm = args.clip if args.clip > 0 else float("inf")
             total_norm = float(torch.nn.utils.clip_grad_norm_(objective.parameters(), max_norm))
-            if args.grad_every and step % args.grad_every == 0:
+            if report_gradient:
                 print(
                     f"step {step:5d}  gradient norm {total_norm:.1f}, of it feature_proj.bias {bias_norm:.1f}"
                 )

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from lxtrain.data.index import open_index
 from lxtrain.data.shard_format import decode_sample, iter_shard
+from lxtrain.data.synthetic import World
 
 REPO = Path(__file__).resolve().parent.parent
 # Named demo settings: the world (synthetic corpus) and the pre-training budget.
@@ -138,12 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                 str(corpus),
                 "--images",
                 str(args.images),
-                "--feature-dim",
-                str(args.feature_dim),
-                "--boxes",
-                str(args.boxes),
-                "--max-objects",
-                str(args.max_objects),
+                *World(
+                    feature_dim=args.feature_dim, boxes=args.boxes, max_objects=args.max_objects
+                ).size_arguments(),
                 "--shards",
             ],
             check=True,

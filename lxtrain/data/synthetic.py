@@ -94,6 +94,18 @@ class World:
         if self.boxes < self.max_objects or self.max_objects < 1:
             raise ValueError("need 1 <= max_objects <= boxes")
 
+    def size_arguments(self) -> list[str]:
+        """The command-line flags that give this world's sizes to ``lxtrain.data.synthetic`` and
+        ``lxtrain.data.synthetic_tasks`` (both take them), for tools that build those commands."""
+        return [
+            "--feature-dim",
+            str(self.feature_dim),
+            "--boxes",
+            str(self.boxes),
+            "--max-objects",
+            str(self.max_objects),
+        ]
+
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         """(class embeddings (C, D), colour embeddings (K, D)); deterministic per world seed."""
         rng = np.random.default_rng([self.world_seed, 7919])
