@@ -80,6 +80,13 @@ def evaluate(objective: PretrainingObjective, shards: str, object_words: torch.T
             out.row_correct["mlm"][is_object_word].sum()
         )
         counts["object words"] = counts.get("object words", 0.0) + float(is_object_word.sum())
+        # Only rows whose sentence describes the image shown: there the image decides the word.
+        rows = (labels != IGNORE_INDEX).nonzero()[:, 0]
+        on_matched = is_object_word & (batch[B.MATCHED_LABELS][rows] == 1)
+        correct["object words, matched"] = correct.get("object words, matched", 0.0) + float(
+            out.row_correct["mlm"][on_matched].sum()
+        )
+        counts["object words, matched"] = counts.get("object words, matched", 0.0) + float(on_matched.sum())
     objective.train()
     return {task: correct[task] / max(counts[task], 1.0) for task in correct}
 

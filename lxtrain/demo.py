@@ -160,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
             None,
         ),
         (
+            "  on matching sentences",
+            model["acc"].get("mlm_object_words_matched"),
+            control and control["acc"].get("mlm_object_words_matched"),
+            None,
+        ),
+        (
             "masked LM accuracy (all words)",
             model["acc"].get("mlm"),
             control and control["acc"].get("mlm"),

@@ -185,6 +185,28 @@ def build_engine(cfg: PretrainConfig, data: PretrainData, world_size: int, total
     return engine_setup.initialize(objective, ds_config), model_config, ds_config
 
 
+def object_word_tally(
+    mlm_labels: torch.Tensor, matched: torch.Tensor, mlm_correct: torch.Tensor, object_words: torch.Tensor
+) -> torch.Tensor:
+    """Masked object words predicted right, and their count: row 0 over every sentence, row 1 over
+    the sentences that describe the image shown (``matched``), where only the image can decide the
+    word; on mismatched pairs the best any model can do is the words' prior.
+
+    ``mlm_correct`` holds one bool per masked-LM label, in the order of ``mlm_labels[mlm_labels != -100]``.
+    """
+    labelled = mlm_labels != -100
+    is_object_word = torch.isin(mlm_labels[labelled], object_words)
+    on_matched = is_object_word & (matched[labelled.nonzero()[:, 0]] == 1)
+    correct = mlm_correct.to(torch.float64)
+    return torch.tensor(
+        [
+            [float(correct[is_object_word].sum()), float(is_object_word.sum())],
+            [float(correct[on_matched].sum()), float(on_matched.sum())],
+        ],
+        dtype=torch.float64,
+    )
+
+
 @torch.no_grad()
 def validate(
     engine, data: PretrainData, model_config, monitor: Monitor, step: int, max_batches: int | None
@@ -196,7 +218,7 @@ def validate(
     all_tasks = dict.fromkeys(TASKS, 1.0)
     device = engine.device
     object_words = torch.tensor(data.object_word_ids, dtype=torch.int64)
-    object_word_hits = torch.zeros(2, dtype=torch.float64)
+    object_word_hits = torch.zeros(2, 2, dtype=torch.float64)
     first_batch = attention = None
     for batch, counted in data.valid_batches(max_batches):
         batch = B.to_device(batch, device)
@@ -214,16 +236,20 @@ def validate(
         sources = batch[B.SENTENCE_SOURCES].cpu()[labels != -100]
         qa_by_source[0].index_add_(0, sources, output.row_correct["qa"].double().cpu())
         qa_by_source[1].index_add_(0, sources, torch.ones_like(sources, dtype=torch.float64))
-        mlm_labels = batch[B.MLM_LABELS].cpu()
-        is_object_word = torch.isin(mlm_labels[mlm_labels != -100], object_words)
-        object_word_hits[0] += output.row_correct["mlm"].cpu()[is_object_word].sum()
-        object_word_hits[1] += is_object_word.sum()
+        object_word_hits += object_word_tally(
+            batch[B.MLM_LABELS].cpu(),
+            batch[B.MATCHED_LABELS].cpu(),
+            output.row_correct["mlm"].cpu(),
+            object_words,
+        )
     losses, accuracies = meter.reduce()
     if dist.is_initialized():
         dist.all_reduce(qa_by_source)
         dist.all_reduce(object_word_hits)
-    if object_word_hits[1] > 0:
-        accuracies["mlm_object_words"] = float(object_word_hits[0] / object_word_hits[1])
+    names = ("mlm_object_words", "mlm_object_words_matched")
+    for name, (hits, count) in zip(names, object_word_hits.tolist(), strict=True):
+        if count > 0:
+            accuracies[name] = hits / count
     qa_sources = {
         name: float(qa_by_source[0, i] / qa_by_source[1, i])
         for i, name in enumerate(B.SENTENCE_SOURCE_NAMES)

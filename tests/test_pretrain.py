@@ -47,7 +47,9 @@ def corpus(tmp_path_factory) -> Path:
 def straight_run(corpus, tmp_path_factory) -> Path:
     """Six steps with ZeRO-2 on two ranks through the deepspeed launcher: the reference trajectory."""
     output = tmp_path_factory.mktemp("straight")
-    result = run_pretrain(corpus, output, "--max-steps", "6", "--save-every", "2", port=29611)
+    result = run_pretrain(
+        corpus, output, "--max-steps", "6", "--save-every", "2", "--object-words", "dog,cat,car", port=29611
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return output
 
@@ -105,6 +107,8 @@ def test_tensorboard_holds_the_promised_tags(straight_run):
         "valid/loss/qa",
         "valid/acc/qa",
         "valid/loss/mlm",
+        "valid/acc/mlm_object_words",
+        "valid/acc/mlm_object_words_matched",
     }
     assert expected <= scalars, expected - scalars
     assert any(tag.startswith("valid/qa_acc/") for tag in scalars)
@@ -233,3 +237,20 @@ def test_a_dead_rank_stops_the_job_in_bounded_time_naming_it(corpus, tmp_path):
     # The launcher (or the surviving rank) names the process that died.
     assert "--local_rank=1" in log or "rank 1" in log, log[-3000:]
     assert elapsed < 240
+
+
+def test_object_word_tally_counts_all_and_matched_sentences():
+    from lxtrain.pretrain import object_word_tally
+
+    dog, cat, red = 3899, 4937, 2417
+    mlm_labels = torch.tensor(
+        [
+            [-100, dog, -100, red],  # matched: object word right, colour word
+            [cat, -100, -100, -100],  # mismatched: object word right
+            [-100, -100, dog, cat],  # matched: dog wrong, cat right
+        ]
+    )
+    matched = torch.tensor([1, 0, 1])
+    correct = torch.tensor([True, False, True, False, True])  # order of mlm_labels[mlm_labels != -100]
+    tally = object_word_tally(mlm_labels, matched, correct, torch.tensor([dog, cat]))
+    assert tally.tolist() == [[3.0, 4.0], [2.0, 3.0]]
