@@ -16,6 +16,8 @@ model from grounding words in boxes (see docs/grounding.md):
 - ``--unmasked``: the network sees the original RoI features (no 15% object masking);
 - ``--zero-visual-input``: the no-vision control;
 - ``--word-mask P``: masked-LM selection rate (0.15 in LXMERT);
+- ``--object-word-mask P``: the loader masks object words at rate P, other words at
+  ``--word-mask`` (lxtrain's ``--object-word-mask-probability``: an extension of LXMERT's recipe);
 - ``--mask-all-object-words N``: for the first N steps (-1: all), every object word is replaced
   by [MASK] and labelled and no other word is (the densest grounding signal the sentences hold);
   afterwards the loader's masks;
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unmasked", action="store_true")
     parser.add_argument("--zero-visual-input", action="store_true")
     parser.add_argument("--word-mask", type=float, default=0.15, help="masked-LM selection rate")
+    parser.add_argument("--object-word-mask", type=float, default=None, help="object-word masking rate")
     parser.add_argument("--mask-all-object-words", type=int, default=0, metavar="STEPS")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: none)")
@@ -146,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         mismatch_probability=args.mismatch,
         word_mask_probability=args.word_mask,
+        object_word_ids=tuple(object_words.tolist()),
+        object_word_mask_probability=args.object_word_mask,
     )
     feature_bias = objective.model.backbone.object_embeddings.feature_proj.bias
     started, step, epoch = time.monotonic(), 0, 0

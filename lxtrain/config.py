@@ -87,6 +87,9 @@ class PretrainConfig:
     """Control run: feed all-zero object features and boxes (a language-only baseline)."""
     object_words: str | None = None
     """Comma-separated words whose masked-LM accuracy is reported on its own (valid/acc/mlm_object_words)."""
+    object_word_mask_probability: float | None = None
+    """Mask the --object-words at this rate in training (default: 0.15 like every word, as in LXMERT).
+    An extension, not LXMERT's recipe: more labels on the words that only the image decides."""
     tokenizer: str | None = None
     """Path to a BERT vocab.txt (default: the offline BERT uncased vocabulary)."""
     peak_tflops: float | None = None
@@ -111,6 +114,13 @@ class PretrainConfig:
             raise ValueError(f"--warmup-fraction must be in [0, 1); got {self.warmup_fraction}")
         if self.model not in MODEL_PRESETS and not Path(self.model).is_file():
             raise ValueError(f"--model {self.model!r} is neither a preset {MODEL_PRESETS} nor a JSON file")
+        if self.object_word_mask_probability is not None:
+            if not 0 <= self.object_word_mask_probability <= 1:
+                raise ValueError(
+                    f"--object-word-mask-probability must be in [0, 1]; got {self.object_word_mask_probability}"
+                )
+            if not (self.object_words or "").strip():
+                raise ValueError("--object-word-mask-probability needs --object-words (the words to mask)")
         if not Path(self.deepspeed_config).is_file():
             raise FileNotFoundError(f"--deepspeed_config {self.deepspeed_config}: no such file")
 

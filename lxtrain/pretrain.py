@@ -100,15 +100,22 @@ class PretrainData:
         # from then on in a way resume cannot replay (see lxtrain.data.loader), so "nothing lost,
         # resume exact" would no longer hold. --strict-data applies to validation, which only
         # measures and may skip.
-        self.train = build_pretrain_loader(cfg.train_shards, strict=True, **common)
+        self.encoder = WordPieceEncoder(cfg.tokenizer)
+        words = [w.strip() for w in (cfg.object_words or "").split(",") if w.strip()]
+        self.object_word_ids = sorted({i for w in words for i in self.encoder.encode([w])[0][0] if i > 103})
+        # Validation keeps the uniform masks, so its accuracies compare across recipes.
+        self.train = build_pretrain_loader(
+            cfg.train_shards,
+            strict=True,
+            object_word_ids=tuple(self.object_word_ids),
+            object_word_mask_probability=cfg.object_word_mask_probability,
+            **common,
+        )
         self.valid = (
             build_valid_loader(cfg.valid_shards, strict=cfg.strict_data, **common)
             if cfg.valid_shards
             else None
         )
-        self.encoder = WordPieceEncoder(cfg.tokenizer)
-        words = [w.strip() for w in (cfg.object_words or "").split(",") if w.strip()]
-        self.object_word_ids = sorted({i for w in words for i in self.encoder.encode([w])[0][0] if i > 103})
         self.batches_per_epoch = len(self.train)
 
     @property

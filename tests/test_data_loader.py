@@ -247,6 +247,22 @@ def test_masking_rates_and_targets(corpus: Path) -> None:
     assert (qa != IGNORE_INDEX).float().mean() > 0.15  # matched questions (about 60% of sentences)
 
 
+def test_object_words_can_be_masked_at_their_own_rate(corpus: Path) -> None:
+    object_words = tuple(int(i) for i in WordPieceEncoder().encode(["dog cat car bus"])[0][0, 1:5])
+    batches = _epoch(_loader(corpus, object_word_ids=object_words, object_word_mask_probability=1.0))
+    cat = {key: torch.cat([b[key] for b in batches]) for key in (B.INPUT_IDS, B.MLM_LABELS)}
+    ids, labels = cat[B.INPUT_IDS], cat[B.MLM_LABELS]
+    original = torch.where(labels == IGNORE_INDEX, ids, labels)
+    is_object_word = torch.isin(original, torch.tensor(object_words))
+    assert is_object_word.sum() > 100
+    assert (labels[is_object_word] != IGNORE_INDEX).all()  # every one selected
+    words = ~torch.isin(original, torch.tensor([0, 101, 102])) & ~is_object_word
+    other_rate = (labels[words] != IGNORE_INDEX).float().mean().item()
+    assert 0.12 < other_rate < 0.18, other_rate  # the rest still at the word rate
+    with pytest.raises(ValueError, match="needs object_word_ids"):
+        _loader(corpus, object_word_mask_probability=0.5)
+
+
 def test_object_masking_donors_come_from_other_images(corpus: Path) -> None:
     for batch in _epoch(_loader(corpus, object_mask_probability=1.0)):
         features, targets = batch[B.OBJECT_FEATURES], batch[B.FEATURE_TARGETS]

@@ -113,6 +113,29 @@ def test_word_masking_probability_argument() -> None:
     _assert_rate("selection at p=0.4", int((labels != IGNORE_INDEX).sum()), int(eligible.sum()), 0.4)
 
 
+def test_object_words_masked_at_their_own_rate() -> None:
+    rng = np.random.default_rng(6)
+    ids = _sentences(3000, 20, rng)
+    object_words = np.array([1500, 1501, 1502])
+    words = ~np.isin(ids, (CLS, SEP, PAD))
+    ids[words & (rng.random(ids.shape) < 0.2)] = rng.choice(object_words, size=1)[0]
+    options = dict(mask_token_id=MASK, vocab_size=VOCAB, special_token_ids=(CLS, SEP, PAD))
+    masked, labels = mask_words(
+        ids, np.random.default_rng(7), object_word_ids=object_words, object_word_probability=0.9, **options
+    )
+    is_object_word = np.isin(ids, object_words)
+    others = words & ~is_object_word
+    selected = labels != IGNORE_INDEX
+    _assert_rate("object words at 0.9", int(selected[is_object_word].sum()), int(is_object_word.sum()), 0.9)
+    _assert_rate("other words at 0.15", int(selected[others].sum()), int(others.sum()), MASK_PROBABILITY)
+    assert np.array_equal(labels[selected], ids[selected])
+    _assert_rate("[MASK] share", int((masked[selected] == MASK).sum()), int(selected.sum()), 0.8)
+    # Without the rate, the list changes nothing: the same draws as LXMERT's uniform masking.
+    plain = mask_words(ids, np.random.default_rng(7), **options)
+    listed = mask_words(ids, np.random.default_rng(7), object_word_ids=object_words, **options)
+    assert all(np.array_equal(a, b) for a, b in zip(plain, listed, strict=True))
+
+
 # ---------------------------------------------------------------------------------------------
 # Objects.
 

@@ -187,6 +187,10 @@ def test_nonfinite_losses_are_skipped_then_stop_with_a_checkpoint(corpus, tmp_pa
         ({"config": "zero2_fp16.json"}, "fp16.enabled is true but there is no CUDA GPU"),
         ({"train": "missing"}, "missing"),
         ({"args": ["--recipe", "p20"]}, "--recipe 'p20' is not one of"),
+        (
+            {"args": ["--object-word-mask-probability", "0.5"]},
+            "--object-word-mask-probability needs --object-words",
+        ),
     ],
 )
 def test_bad_input_fails_before_training_with_a_clear_message(corpus, tmp_path, change, message):

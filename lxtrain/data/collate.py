@@ -43,6 +43,8 @@ class BatchBuilder:
         num_boxes, feature_dim: O and D of the shard set.
         mismatch_probability: share of examples whose sentence is swapped for another image's.
         word_mask_probability, object_mask_probability: selection rates (SPEC 3).
+        object_word_ids, object_word_mask_probability: word-pieces masked at their own rate
+            (None: at ``word_mask_probability``; see :func:`lxtrain.tasks.masking.mask_words`).
         with_ids: add ``image_ids``/``sentence_ids`` to each batch.
     """
 
@@ -53,6 +55,8 @@ class BatchBuilder:
     word_mask_probability: float = 0.15
     object_mask_probability: float = 0.15
     with_ids: bool = False
+    object_word_ids: tuple[int, ...] = ()
+    object_word_mask_probability: float | None = None
 
     def build(
         self,
@@ -105,6 +109,8 @@ class BatchBuilder:
             vocab_size=self.encoder.vocab_size,
             special_token_ids=self.encoder.special_ids,
             probability=self.word_mask_probability,
+            object_word_ids=self.object_word_ids,
+            object_word_probability=self.object_word_mask_probability,
         )
 
         # The large arrays are allocated by numpy, which asks for transparent huge pages (first

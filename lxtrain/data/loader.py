@@ -73,6 +73,8 @@ class LoaderConfig:
         drop_last: equal, full batches on every rank, dropping the tail (training); off: the
             whole split, ending each worker's stream with a partial batch (validation).
         mismatch_probability, word_mask_probability, object_mask_probability: task rates.
+        object_word_ids, object_word_mask_probability: word-pieces masked at their own rate
+            (None: the word rate, as in LXMERT; see :func:`lxtrain.tasks.masking.mask_words`).
         strict: a corrupt sample stops the run instead of being skipped with a warning.
         with_ids: add ``image_ids``/``sentence_ids`` to batches (tests and debugging).
         pin_memory: pin batches (only useful with CUDA).
@@ -99,6 +101,8 @@ class LoaderConfig:
     mismatch_probability: float = 0.5
     word_mask_probability: float = 0.15
     object_mask_probability: float = 0.15
+    object_word_ids: tuple[int, ...] = ()
+    object_word_mask_probability: float | None = None
     strict: bool = False
     with_ids: bool = False
     pin_memory: bool = False
@@ -112,6 +116,11 @@ class LoaderConfig:
         for name in ("mismatch_probability", "word_mask_probability", "object_mask_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
+        if self.object_word_mask_probability is not None:
+            if not 0.0 <= self.object_word_mask_probability <= 1.0:
+                raise ValueError("object_word_mask_probability must be in [0, 1]")
+            if not self.object_word_ids:
+                raise ValueError("object_word_mask_probability needs object_word_ids")
 
     @property
     def workers(self) -> int:
@@ -258,6 +267,8 @@ class PretrainStream(IterableDataset):
             config.word_mask_probability,
             config.object_mask_probability,
             config.with_ids,
+            tuple(config.object_word_ids),
+            config.object_word_mask_probability,
         )
         self._worker_setup()
         ring = self._ring()

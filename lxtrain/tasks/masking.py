@@ -39,6 +39,8 @@ def mask_words(
     vocab_size: int,
     special_token_ids: Iterable[int],
     probability: float = MASK_PROBABILITY,
+    object_word_ids: Iterable[int] = (),
+    object_word_probability: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mask word-pieces for masked cross-modality LM.
 
@@ -49,6 +51,9 @@ def mask_words(
         vocab_size: random replacements are drawn uniformly from ``[0, vocab_size)``.
         special_token_ids: ids never selected (``[CLS]``, ``[SEP]``, ``[PAD]``).
         probability: selection rate per eligible word-piece.
+        object_word_ids, object_word_probability: word-pieces in ``object_word_ids`` are selected
+            at ``object_word_probability`` instead (None: at ``probability``, as in LXMERT). An
+            extension, not LXMERT's recipe: words naming objects carry the grounding signal.
 
     Returns:
         ``(masked_ids, labels)``: the input with replacements applied, and labels holding the
@@ -56,7 +61,12 @@ def mask_words(
     """
     token_ids = np.asarray(token_ids)
     eligible = ~np.isin(token_ids, np.fromiter(special_token_ids, dtype=np.int64))
-    selected = eligible & (rng.random(token_ids.shape) < probability)
+    rate: float | np.ndarray = probability
+    if object_word_probability is not None:
+        is_object_word = np.isin(token_ids, np.fromiter(object_word_ids, dtype=np.int64))
+        rate = np.where(is_object_word, object_word_probability, probability)
+    # One draw per position either way, so the option leaves the random stream unchanged.
+    selected = eligible & (rng.random(token_ids.shape) < rate)
     to_mask, to_random = _split_selected(selected, rng)
 
     masked = token_ids.copy()
