@@ -10,7 +10,7 @@ install:  ## CPU install: the pinned CPU torch first (a plain `torch` pulls a mu
 demo: install  ## synthetic corpus -> shards -> a few minutes of DeepSpeed pre-training on CPU -> summary
 	$(PYTHON) -m lxtrain.demo
 
-demo-grounding: install  ## the grounding setting: ~5,200 steps in an easier world, where QA grounding shows (~50 min on 2 cores)
+demo-grounding: install  ## the grounding setting: ~5,200 steps in an easier world, where QA and object-word grounding show (~60 min on 2 cores)
 	$(PYTHON) -m lxtrain.demo --setting grounding
 
 test:  ## the test suite CI runs (Slurm tests run when .ci/slurm_cluster.sh has started the local cluster)

@@ -134,6 +134,15 @@ def test_object_words_masked_at_their_own_rate() -> None:
     plain = mask_words(ids, np.random.default_rng(7), **options)
     listed = mask_words(ids, np.random.default_rng(7), object_word_ids=object_words, **options)
     assert all(np.array_equal(a, b) for a, b in zip(plain, listed, strict=True))
+    # And the word rate given as the object-word rate is LXMERT's masking exactly.
+    same_rate = mask_words(
+        ids,
+        np.random.default_rng(7),
+        object_word_ids=object_words,
+        object_word_probability=MASK_PROBABILITY,
+        **options,
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(plain, same_rate, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
