@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print("masking: LXMERT's (every word at 15%)")
     else:
         print(
-            f"masking: object words at {args.object_word_mask_probability:g}, other words at 15% (not LXMERT's)"
+            f"masking: object words at rate {args.object_word_mask_probability:g}, other words at 15% (not LXMERT's)"
         )
     print(f"{'metric':32s} {'LXMERT':>8s} {'no vision':>10s} {'baseline':>9s}")
     for name, ours, theirs, reference in rows:
