@@ -83,8 +83,9 @@ def majority_baseline(valid_shards: Path) -> tuple[str, float]:
     return answer, sum(share.get(answer, 0.0) for share in shares) / len(shares)
 
 
-def pretrain(run_dir: Path, shards: Path, args: argparse.Namespace, *extra: str) -> dict:
-    command = [
+def pretrain_command(run_dir: Path, shards: Path, args: argparse.Namespace, *extra: str) -> list[str]:
+    """The ``deepspeed`` command line of one demo pre-training run."""
+    return [
         "deepspeed",
         "--num_gpus",
         str(args.ranks),
@@ -121,13 +122,27 @@ def pretrain(run_dir: Path, shards: Path, args: argparse.Namespace, *extra: str)
         ),
         *extra,
     ]
+
+
+def pretrain(run_dir: Path, shards: Path, args: argparse.Namespace, *extra: str) -> dict:
+    """Run one demo pre-training; returns its last validation record."""
+    command = pretrain_command(run_dir, shards, args, *extra)
     print("$ " + " ".join(command), flush=True)
     subprocess.run(command, check=True, cwd=REPO)
     records = [json.loads(line) for line in (run_dir / "validation.jsonl").read_text().splitlines()]
     return records[-1]
 
 
-def main(argv: list[str] | None = None) -> int:
+def resolve_setting(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags left unset from the chosen setting (in place; returned for chaining)."""
+    for name, value in DEMO_SETTINGS[args.setting].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The demo's flags, with the setting's values wherever a flag was not given."""
     parser = argparse.ArgumentParser(prog="python -m lxtrain.demo", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--setting",
@@ -151,10 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--port", type=int, default=29650)
     parser.add_argument("--no-control", action="store_true", help="skip the zero-visual-input control run")
-    args = parser.parse_args(argv)
-    for name, value in DEMO_SETTINGS[args.setting].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    return resolve_setting(parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     default_out = "demo" if args.setting == "quick" else f"demo_{args.setting}"
     out = Path(args.out or REPO / "runs" / default_out)
     corpus = out / "corpus"
