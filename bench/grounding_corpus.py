@@ -45,6 +45,7 @@ from lxtrain.data.synthetic import OBJECT_CLASSES
 from lxtrain.data.tokenizer import WordPieceEncoder
 from lxtrain.model.config import LxmertConfig
 from lxtrain.model.lxmert import LxmertForPretraining
+from lxtrain.pretrain import object_word_tally
 from lxtrain.tasks.masking import IGNORE_INDEX
 from lxtrain.tasks.objectives import TASKS, PretrainingObjective
 
@@ -52,8 +53,7 @@ from lxtrain.tasks.objectives import TASKS, PretrainingObjective
 def object_word_ids() -> tuple[torch.Tensor, int]:
     """(ids of the class nouns, id of [MASK]) in the BERT vocabulary."""
     encoder = WordPieceEncoder()
-    ids, _ = encoder.encode([name for name, _ in OBJECT_CLASSES])
-    return torch.from_numpy(ids[:, 1]).long(), encoder.mask_id  # [CLS] word [SEP]: one piece each
+    return torch.tensor(encoder.word_piece_ids(name for name, _ in OBJECT_CLASSES)), encoder.mask_id
 
 
 def mask_all_object_words(batch: dict, object_words: torch.Tensor, mask_id: int) -> None:
@@ -76,19 +76,15 @@ def evaluate(objective: PretrainingObjective, shards: str, object_words: torch.T
         for task in out.counts:
             correct[task] = correct.get(task, 0.0) + float(out.correct[task])
             counts[task] = counts.get(task, 0.0) + float(out.counts[task])
-        labels = batch[B.MLM_LABELS]
-        is_object_word = torch.isin(labels[labels != IGNORE_INDEX], object_words)
-        correct["object words"] = correct.get("object words", 0.0) + float(
-            out.row_correct["mlm"][is_object_word].sum()
+        # The validation's own tally: every sentence, then only those describing the image shown.
+        tally = object_word_tally(
+            batch[B.MLM_LABELS], batch[B.MATCHED_LABELS], out.row_correct["mlm"], object_words
         )
-        counts["object words"] = counts.get("object words", 0.0) + float(is_object_word.sum())
-        # Only rows whose sentence describes the image shown: there the image decides the word.
-        rows = (labels != IGNORE_INDEX).nonzero()[:, 0]
-        on_matched = is_object_word & (batch[B.MATCHED_LABELS][rows] == 1)
-        correct["object words, matched"] = correct.get("object words, matched", 0.0) + float(
-            out.row_correct["mlm"][on_matched].sum()
-        )
-        counts["object words, matched"] = counts.get("object words, matched", 0.0) + float(on_matched.sum())
+        for name, (hits, count) in zip(
+            ("object words", "object words, matched"), tally.tolist(), strict=True
+        ):
+            correct[name] = correct.get(name, 0.0) + hits
+            counts[name] = counts.get(name, 0.0) + count
     objective.train()
     return {task: correct[task] / max(counts[task], 1.0) for task in correct}
 

@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     encoder = WordPieceEncoder()
-    ids, _ = encoder.encode([name for name, _ in OBJECT_CLASSES])
-    object_words = torch.from_numpy(ids[:, 1]).long()  # [CLS] word [SEP]: one piece each
+    object_words = torch.tensor(encoder.word_piece_ids(name for name, _ in OBJECT_CLASSES))
     model = load_model("lxtrain", args.model, num_attention_heads=args.heads)
     objective = PretrainingObjective(model, zero_visual_input=args.zero_visual_input).eval()
     tally = {"[MASK]": [0, 0], "kept": [0, 0], "random": [0, 0]}

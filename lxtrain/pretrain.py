@@ -102,7 +102,7 @@ class PretrainData:
         # measures and may skip.
         self.encoder = WordPieceEncoder(cfg.tokenizer)
         words = [w.strip() for w in (cfg.object_words or "").split(",") if w.strip()]
-        self.object_word_ids = sorted({i for w in words for i in self.encoder.encode([w])[0][0] if i > 103})
+        self.object_word_ids = self.encoder.word_piece_ids(words)
         # Validation keeps the uniform masks, so its accuracies compare across recipes.
         self.train = build_pretrain_loader(
             cfg.train_shards,

@@ -343,3 +343,12 @@ def test_fast_tokenizer_matches_the_rust_tokenizer(corpus: Path) -> None:
     ]
     fast, _ = encoder.encode(texts)
     np.testing.assert_array_equal(fast, encoder.encode_reference(texts))
+
+
+def test_word_piece_ids_are_the_pieces_of_each_word_without_special_tokens() -> None:
+    encoder = WordPieceEncoder()
+    dog, cat = (int(encoder.encode([word])[0][0, 1]) for word in ("dog", "cat"))
+    assert encoder.word_piece_ids(["cat", "dog", "dog"]) == sorted({dog, cat})
+    buses = encoder.encode(["buses"])[0][0]
+    assert encoder.word_piece_ids(["buses"]) == sorted(int(i) for i in buses[1 : int((buses != 0).sum()) - 1])
+    assert encoder.word_piece_ids([]) == []

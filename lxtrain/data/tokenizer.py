@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +167,13 @@ class WordPieceEncoder:
     def special_ids(self) -> tuple[int, int, int]:
         """Ids never masked: [CLS], [SEP], [PAD]."""
         return self.cls_id, self.sep_id, self.pad_id
+
+    def word_piece_ids(self, words: Iterable[str]) -> list[int]:
+        """The distinct word-piece ids of ``words``, each encoded on its own, without [CLS], [SEP],
+        [PAD], [MASK] or [UNK] (for per-word metrics and masking rates)."""
+        ids, _ = self.encode(list(words))
+        left_out = {*self.special_ids, self.mask_id, self._unk_id}
+        return sorted({int(i) for i in ids.ravel()} - left_out)
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids padded with [PAD] and the attention mask, both (len(texts), max_length)."""
