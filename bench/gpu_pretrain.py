@@ -182,7 +182,8 @@ def _format(value: float | None, pattern: str) -> str:
 def _markdown(results: dict) -> str:
     lines = [
         f"GPU: {results.get('gpu', '?')}; torch {results.get('torch', '?')}, triton {results.get('triton', '?')}, "
-        f"deepspeed {results.get('deepspeed', '?')}; micro-batch {results.get('batch', '?')}, "
+        f"deepspeed {results.get('deepspeed', '?')}, optimizer {results.get('optimizer', '?')}; "
+        f"micro-batch {results.get('batch', '?')}, "
         f"{results.get('steps', '?')} steps per run; command: `{results.get('command', '?')}`",
         "",
         "| run | status | samples/s | MFU | peak memory (GiB) | data wait | vs HF | vs SDPA |",

@@ -9,12 +9,14 @@
 #   1. installs those wheels into a private site dir if deepspeed or webdataset is missing;
 #   2. records the environment and runs the GPU kernel tests and bench/kernels.py;
 #   3. writes a synthetic corpus (2048-d features, 36 boxes) with lxtrain.data.synthetic;
-#   4. runs STEPS steps of the real lxtrain/pretrain.py, DeepSpeed bf16 ZeRO-2 (ds_configs/zero2_bf16.json
-#      for world size 1) for LXTRAIN_ATTENTION=eager, sdpa, fused;
-#   5. times HF LxmertForPreTraining under bf16 autocast at the same batch;
+#   4. times HF LxmertForPreTraining under bf16 autocast at the same batch;
+#   5. runs STEPS steps of the real lxtrain/pretrain.py, DeepSpeed bf16 ZeRO-2 (ds_configs/zero2_bf16.json
+#      for world size 1) for LXTRAIN_ATTENTION=fused, sdpa, eager;
 #   6. writes OUT_DIR/results.json and OUT_DIR/results.md (samples/s, MFU, peak memory, ratios).
 # Knobs (environment): BATCH (micro-batch = batch, default 256), STEPS (40), LOG_EVERY (5), WORKERS (8),
-# BACKENDS ("eager sdpa fused"), SKIP_TESTS=1, SKIP_KERNELS=1, SKIP_HF=1, DRY_RUN=1 (tiny model, CPU ok).
+# BACKENDS ("fused sdpa eager"), SKIP_TESTS=1, SKIP_KERNELS=1, SKIP_HF=1, DRY_RUN=1 (tiny model, CPU ok),
+# STAGE_TIMEOUT (seconds for each stage: the tests, the kernel bench, the FusedAdam build, each run;
+# default 300), so that one stage that hangs or compiles too long cannot eat a short lease.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,7 +38,8 @@ batch=${BATCH:-256}
 steps=${STEPS:-40}
 log_every=${LOG_EVERY:-5}
 workers=${WORKERS:-8}
-backends=${BACKENDS:-eager sdpa fused}
+backends=${BACKENDS:-fused sdpa eager}  # the ratios' numerators first
+stage_timeout=${STAGE_TIMEOUT:-300}
 model=base
 if [[ -n "${DRY_RUN:-}" ]]; then  # the whole pipeline with a tiny model: for checking this script on CPU
   model=tiny; batch=${BATCH:-4}; steps=${STEPS:-4}; log_every=${LOG_EVERY:-1}; workers=${WORKERS:-0}
@@ -78,12 +81,12 @@ EOF
 command -v nvidia-smi >/dev/null && nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 if [[ -z "${SKIP_TESTS:-}" ]]; then
   log "kernel tests (GPU cases included when a GPU is present)"
-  "$python" -m pytest -q -p no:cacheprovider tests/test_kernels.py > "$out/test_kernels.txt" 2>&1 \
+  timeout "$stage_timeout" "$python" -m pytest -q -p no:cacheprovider tests/test_kernels.py > "$out/test_kernels.txt" 2>&1 \
     && log "kernel tests passed" || log "kernel tests FAILED: see test_kernels.txt"
 fi
 if [[ -z "${SKIP_KERNELS:-}" ]]; then
   log "per-kernel benchmark"
-  "$python" bench/kernels.py --batch "$batch" --json "$out/kernels.json" > "$out/kernels.txt" 2>&1 \
+  timeout "$stage_timeout" "$python" bench/kernels.py --batch "$batch" --json "$out/kernels.json" > "$out/kernels.txt" 2>&1 \
     || log "bench/kernels.py FAILED: see kernels.txt"
 fi
 
@@ -96,22 +99,44 @@ if [[ ! -f "$corpus/shards/train/index.json" ]]; then
     --workers "$(( $(nproc) > 8 ? 8 : $(nproc) ))" > "$out/corpus.txt" 2>&1
 fi
 
-# 4. DeepSpeed config for world size 1: the reference zero2_bf16.json with the batch sizes set; its
-#    FusedAdam is JIT-built with nvcc, so without nvcc torch's fused AdamW stands in (recorded).
+# 4. DeepSpeed config for world size 1: the reference zero2_bf16.json with the batch sizes set. Its
+#    FusedAdam is JIT-built with nvcc: built once here, within the stage time limit, so that a missing
+#    nvcc or a failed or slow build falls back to torch's fused AdamW for every run (recorded).
 ds_config=$out/ds_zero2_bf16_world1.json
-"$python" - "$ds_config" "$batch" <<'EOF'
-import json, os, shutil, sys, torch
-path, batch = sys.argv[1], int(sys.argv[2])
+optimizer=deepspeed
+if "$python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  log "building DeepSpeed FusedAdam (JIT, nvcc)"
+  if timeout "$stage_timeout" "$python" -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" \
+      > "$out/fused_adam_build.txt" 2>&1; then
+    log "FusedAdam built"
+  else
+    optimizer=torch
+    log "FusedAdam build failed or timed out (see fused_adam_build.txt): torch fused AdamW stands in"
+  fi
+fi
+"$python" - "$ds_config" "$batch" "$optimizer" "$out/environment.json" <<'EOF'
+import json, sys, torch
+path, batch, optimizer, environment = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 config = json.load(open("ds_configs/zero2_bf16.json"))
 config.update(train_batch_size=batch, train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1)
-nvcc = shutil.which("nvcc") or os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
-if torch.cuda.is_available() and not nvcc:
+if torch.cuda.is_available() and optimizer == "torch":
     params = config["optimizer"]["params"]
     params.pop("bias_correction")  # torch's AdamW always corrects bias; the step costs the same
     params.update(torch_adam=True, fused=True)
 json.dump(config, open(path, "w"), indent=2)
-print("optimizer:", "torch fused AdamW (no nvcc)" if config["optimizer"]["params"].get("torch_adam") else "DeepSpeed Adam")
+info = json.load(open(environment))
+info["optimizer"] = "torch fused AdamW" if config["optimizer"]["params"].get("torch_adam") else "DeepSpeed Adam"
+json.dump(info, open(environment, "w"), indent=2)
+print("optimizer:", info["optimizer"])
 EOF
+
+# 5. HF baseline at the same batch (before the lxtrain runs: the ratios need it if time runs out).
+if [[ -z "${SKIP_HF:-}" && -z "${DRY_RUN:-}" ]]; then
+  log "HF LxmertForPreTraining, bf16 autocast, batch $batch"
+  timeout "$stage_timeout" "$python" bench/gpu_pretrain.py hf --shards "$corpus/shards/train" --batch "$batch" \
+    --steps "$(( steps < 30 ? steps : 30 ))" --record "$out/hf/record.json" > "$out/hf.txt" 2>&1 \
+    || log "HF baseline FAILED: see hf.txt"
+fi
 
 for backend in $backends; do
   run=$out/runs/$backend
@@ -119,21 +144,13 @@ for backend in $backends; do
   log "pre-training, attention backend $backend: $steps steps at batch $batch"
   interpret=0  # a CPU dry run takes the fused path through Triton's interpreter (slow, but end to end)
   [[ -n "${DRY_RUN:-}" && "$backend" == fused ]] && ! "$python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" && interpret=1
-  TRITON_INTERPRET=$interpret LXTRAIN_ATTENTION=$backend "$python" bench/gpu_pretrain.py pretrain --record "$run/record.json" -- \
+  TRITON_INTERPRET=$interpret LXTRAIN_ATTENTION=$backend timeout "$stage_timeout" "$python" bench/gpu_pretrain.py pretrain --record "$run/record.json" -- \
     --deepspeed_config "$ds_config" --train-shards "$corpus/shards/train" --output-dir "$run" \
     --model "$model" --epochs 1 --max-steps "$steps" --log-every "$log_every" --save-every 1000000 \
     --num-workers "$workers" --no-export "${vocab_args[@]}" > "$out/pretrain_$backend.txt" 2>&1 \
     || log "pre-training with $backend FAILED: see pretrain_$backend.txt"
   rm -rf "$run/checkpoints"  # gigabytes of optimizer state nobody needs from a benchmark
 done
-
-# 5. HF baseline at the same batch.
-if [[ -z "${SKIP_HF:-}" && -z "${DRY_RUN:-}" ]]; then
-  log "HF LxmertForPreTraining, bf16 autocast, batch $batch"
-  "$python" bench/gpu_pretrain.py hf --shards "$corpus/shards/train" --batch "$batch" \
-    --steps "$(( steps < 30 ? steps : 30 ))" --record "$out/hf/record.json" > "$out/hf.txt" 2>&1 \
-    || log "HF baseline FAILED: see hf.txt"
-fi
 
 # 6. Report.
 "$python" bench/gpu_pretrain.py collect "$out" | tee -a "$out/run.log"
