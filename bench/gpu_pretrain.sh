@@ -16,7 +16,8 @@
 # Knobs (environment): BATCH (micro-batch = batch, default 256), STEPS (40), LOG_EVERY (5), WORKERS (8),
 # BACKENDS ("fused sdpa eager"), SKIP_TESTS=1, SKIP_KERNELS=1, SKIP_HF=1, DRY_RUN=1 (tiny model, CPU ok),
 # STAGE_TIMEOUT (seconds for each stage: the tests, the kernel bench, the FusedAdam build, each run;
-# default 300), so that one stage that hangs or compiles too long cannot eat a short lease.
+# default 300), so that one stage that hangs or compiles too long cannot eat a short lease; TESTS (the
+# test files, default "tests/test_kernels.py tests/test_gpu.py") and TEST_ARGS (extra pytest arguments).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -57,10 +58,10 @@ if ! "$python" -c "import deepspeed, webdataset" 2>/dev/null; then
   "$python" -m pip install -q --no-index --no-deps --target /tmp/lxtrain-site "$wheels"/*.whl
   export PYTHONPATH="$PYTHONPATH:/tmp/lxtrain-site"
 fi
-vocab_args=()
 if ! "$python" -c "from lxtrain.data.tokenizer import default_vocab_path; default_vocab_path()" 2>/dev/null; then
   [[ -f "$wheels/vocab.txt" ]] || { echo "no BERT vocabulary: run --prepare to carry vocab.txt" >&2; exit 2; }
-  vocab_args=(--tokenizer "$wheels/vocab.txt")
+  LXTRAIN_VOCAB=$(cd "$wheels" && pwd)/vocab.txt  # for every run and test below, subprocesses included
+  export LXTRAIN_VOCAB
 fi
 
 # 2. Environment, GPU tests and per-kernel timings.
@@ -80,9 +81,10 @@ print(json.dumps(info))
 EOF
 command -v nvidia-smi >/dev/null && nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 if [[ -z "${SKIP_TESTS:-}" ]]; then
-  log "kernel tests (GPU cases included when a GPU is present)"
-  timeout "$stage_timeout" "$python" -m pytest -q -p no:cacheprovider tests/test_kernels.py > "$out/test_kernels.txt" 2>&1 \
-    && log "kernel tests passed" || log "kernel tests FAILED: see test_kernels.txt"
+  log "tests: ${TESTS:-tests/test_kernels.py tests/test_gpu.py} ${TEST_ARGS:-} (GPU cases included when a GPU is present)"
+  # shellcheck disable=SC2086  # word splitting of the file list and the extra arguments is intended
+  timeout "$stage_timeout" "$python" -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_kernels.py tests/test_gpu.py} \
+    ${TEST_ARGS:-} > "$out/test_kernels.txt" 2>&1 && log "tests passed" || log "tests FAILED: see test_kernels.txt"
 fi
 if [[ -z "${SKIP_KERNELS:-}" ]]; then
   log "per-kernel benchmark"
@@ -105,6 +107,10 @@ fi
 ds_config=$out/ds_zero2_bf16_world1.json
 optimizer=deepspeed
 if "$python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  # DeepSpeed's JIT builder parses TORCH_CUDA_ARCH_LIST as plain numbers and fails on the suffixed
+  # entries (e.g. "9.0a") that some CUDA images set: build for this GPU's own compute capability.
+  TORCH_CUDA_ARCH_LIST=$("$python" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  export TORCH_CUDA_ARCH_LIST
   log "building DeepSpeed FusedAdam (JIT, nvcc)"
   if timeout "$stage_timeout" "$python" -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" \
       > "$out/fused_adam_build.txt" 2>&1; then
@@ -147,7 +153,7 @@ for backend in $backends; do
   TRITON_INTERPRET=$interpret LXTRAIN_ATTENTION=$backend timeout "$stage_timeout" "$python" bench/gpu_pretrain.py pretrain --record "$run/record.json" -- \
     --deepspeed_config "$ds_config" --train-shards "$corpus/shards/train" --output-dir "$run" \
     --model "$model" --epochs 1 --max-steps "$steps" --log-every "$log_every" --save-every 1000000 \
-    --num-workers "$workers" --no-export "${vocab_args[@]}" > "$out/pretrain_$backend.txt" 2>&1 \
+    --num-workers "$workers" --no-export > "$out/pretrain_$backend.txt" 2>&1 \
     || log "pre-training with $backend FAILED: see pretrain_$backend.txt"
   rm -rf "$run/checkpoints"  # gigabytes of optimizer state nobody needs from a benchmark
 done

@@ -160,12 +160,45 @@ def lost_peer_message(error: BaseException, where: str) -> str:
     )
 
 
+def collective_device() -> torch.device:
+    """Where the process group's collectives run: NCCL moves CUDA tensors only, gloo CPU tensors."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce a CPU tensor in place on any backend (a collective: call it on all ranks).
+
+    The control-plane tensors here (step flags, metric sums) live on the CPU; under NCCL they make
+    the round trip through the GPU, a few bytes.
+    """
+    device = collective_device()
+    if device.type == "cpu":
+        dist.all_reduce(tensor, op=op)
+        return tensor
+    on_device = tensor.to(device)
+    dist.all_reduce(on_device, op=op)
+    return tensor.copy_(on_device.cpu())
+
+
+def broadcast_(tensor: torch.Tensor, src: int) -> torch.Tensor:
+    """Broadcast a CPU tensor in place from rank ``src`` on any backend (a collective)."""
+    device = collective_device()
+    if device.type == "cpu":
+        dist.broadcast(tensor, src=src)
+        return tensor
+    on_device = tensor.to(device)
+    dist.broadcast(on_device, src=src)
+    return tensor.copy_(on_device.cpu())
+
+
 def all_true(flag: bool) -> bool:
     """True on every rank iff ``flag`` is true on every rank (a collective: call it on all ranks)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag
     value = torch.tensor([0 if flag else 1], dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    all_reduce_(value, op=dist.ReduceOp.MAX)
     return int(value.item()) == 0
 
 
@@ -185,7 +218,7 @@ def equal_count_batches(
     local = available if max_batches is None else min(available, max_batches)
     count = torch.tensor([local], dtype=torch.int64)
     if dist.is_initialized():
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        all_reduce_(count, op=dist.ReduceOp.MAX)
     last = None
     for index, batch in enumerate(batches):
         if index >= local:

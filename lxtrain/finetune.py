@@ -241,7 +241,7 @@ def run(cfg: FinetuneConfig, info: distributed.DistributedInfo, stop: StopReques
                 [0 if bool(torch.isfinite(output.total)) else 1, 1 if stop.signal_name else 0]
             )
             if dist.is_initialized():
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                distributed.all_reduce_(flags, op=dist.ReduceOp.MAX)
             if flags[0]:
                 bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
                 distributed.print0(
@@ -267,7 +267,7 @@ def run(cfg: FinetuneConfig, info: distributed.DistributedInfo, stop: StopReques
             if step % cfg.log_every == 0 or step == last_step:
                 sums = torch.tensor([loss_sum, loss_count, score_sum, labelled], dtype=torch.float64)
                 if dist.is_initialized():
-                    dist.all_reduce(sums)
+                    distributed.all_reduce_(sums)
                 elapsed = time.monotonic() - window_start
                 losses = {cfg.task: float(sums[0] / max(sums[1], 1))}
                 scalars = {
@@ -311,7 +311,7 @@ def run(cfg: FinetuneConfig, info: distributed.DistributedInfo, stop: StopReques
                         best = {"step": step, "value": value}
                 flag = torch.tensor([int(improved)])
                 if dist.is_initialized():
-                    dist.broadcast(flag, src=0)
+                    distributed.broadcast_(flag, src=0)
                 if cfg.export and flag.item():
                     if not saved:
                         save("best validation")

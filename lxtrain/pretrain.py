@@ -162,7 +162,7 @@ class TaskMeter:
         """(mean loss per task, accuracy per task) over all ranks; a collective."""
         stacked = torch.stack([self.loss_sum, self.loss_count, self.correct, self.labelled])
         if dist.is_initialized():
-            dist.all_reduce(stacked)
+            distributed.all_reduce_(stacked)
         loss_sum, loss_count, correct, labelled = stacked
         losses = {t: float(loss_sum[i] / loss_count[i]) for i, t in enumerate(TASKS) if loss_count[i] > 0}
         accuracies = {t: float(correct[i] / labelled[i]) for i, t in enumerate(TASKS) if labelled[i] > 0}
@@ -251,8 +251,8 @@ def validate(
         )
     losses, accuracies = meter.reduce()
     if dist.is_initialized():
-        dist.all_reduce(qa_by_source)
-        dist.all_reduce(object_word_hits)
+        distributed.all_reduce_(qa_by_source)
+        distributed.all_reduce_(object_word_hits)
     names = ("mlm_object_words", "mlm_object_words_matched")
     for name, (hits, count) in zip(names, object_word_hits.tolist(), strict=True):
         if count > 0:
@@ -379,7 +379,7 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopReques
             )
             if dist.is_initialized():
                 try:
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                    distributed.all_reduce_(flags, op=dist.ReduceOp.MAX)
                 except Exception as error:  # gloo/nccl raise when a peer process is gone
                     if not distributed.is_lost_peer_error(error):
                         raise  # e.g. this rank's data-loader worker died while we waited

