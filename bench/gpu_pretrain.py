@@ -2,20 +2,28 @@
 
     python bench/gpu_pretrain.py pretrain --record R.json -- <lxtrain/pretrain.py arguments>
     python bench/gpu_pretrain.py hf --shards DIR --batch 256 --steps 30 --record R.json
+    python bench/gpu_pretrain.py loader --shards DIR --batch 256 --workers 8 --record R.json
     python bench/gpu_pretrain.py collect OUT_DIR
 
 ``pretrain`` calls the real ``lxtrain/pretrain.py`` entry point in this process, so the peak GPU
 memory of the run can be read afterwards; throughput and MFU are what pretrain.py itself logs to
 TensorBoard (``train/samples_per_s``, ``train/mfu``), read back by ``collect``.
+
+``hf`` times HF's model and then lxtrain's model (each attention backend) in the same process, on
+the same on-GPU batch with the same optimizer: the model-alone comparison, without DeepSpeed and
+without data loading. ``loader`` times the training loader alone (no GPU work). Together with the
+full runs they say where a pre-training step's time goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,60 +65,118 @@ def run_pretrain(record: Path, pretrain_args: list[str]) -> int:
     return int(code or 0)
 
 
-def run_hf(shards: Path, batch_size: int, steps: int, warmup: int, record: Path) -> None:
-    """HF ``LxmertForPreTraining`` (LXMERT-base, fp32 weights, bf16 autocast, fused AdamW): samples/s, MFU, memory.
+def _time_steps(step: Callable[[], float], steps: int, warmup: int, cuda: bool) -> float:
+    """Median seconds of ``step`` over ``steps`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    durations = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        durations.append(time.perf_counter() - start)
+    return statistics.median(durations)
 
-    Same network size and answer count as the pre-training runs (read from the shard index), same
-    batch size; the batch is synthetic and already on the GPU, so no data loading is counted for HF.
+
+def run_hf(
+    shards: Path, batch_size: int, steps: int, warmup: int, record: Path, lxtrain_backends: list[str]
+) -> None:
+    """HF ``LxmertForPreTraining``, then lxtrain's model per attention backend, alike: samples/s, MFU, memory.
+
+    LXMERT-base with the corpus's feature size and answer count (from the shard index), fp32
+    weights under bf16 autocast, torch's fused AdamW, gradient clipping at 1.0 (pretrain.py's), the
+    same synthetic batch already on the GPU: no DeepSpeed and no data loading for either. HF goes to
+    ``record``, lxtrain's models to ``lxtrain_models.json`` beside it.
     """
     import transformers
     from model_step import step_functions, synthetic_batch
 
     from lxtrain import convert
     from lxtrain.model.config import LxmertConfig
+    from lxtrain.model.lxmert import LxmertForPretraining
     from lxtrain.monitor import detect_peak_tflops, training_flops_per_sample
 
     index = json.loads((shards / "index.json").read_text())
     config = LxmertConfig(visual_feature_dim=index["feature_dim"], num_qa_labels=index["answers"]["count"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    batch = {key: value.to(device) for key, value in synthetic_batch(config, batch_size).items()}
+    peak = detect_peak_tflops()
+    flops = training_flops_per_sample(config)
+
+    def measure(model: torch.nn.Module, forward_backward: Callable[[], float]) -> dict:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-6, weight_decay=0.01, fused=cuda)
+
+        def step() -> float:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = forward_backward()  # zero_grad + forward + loss + backward + .item() (one sync)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            return loss
+
+        samples_per_s = batch_size / _time_steps(step, steps, warmup, cuda)
+        return {
+            "samples_per_s": samples_per_s,
+            "mfu": samples_per_s * flops / (peak * 1e12) if peak else None,
+            "batch": batch_size,
+            "steps": steps,
+            "precision": "fp32 weights, bf16 autocast, torch fused AdamW",
+            **_memory_record(),
+        }
+
     values = convert.config_to_hf(config)
     values.pop("model_type")
     torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hf = transformers.LxmertForPreTraining(transformers.LxmertConfig(**values)).to(device).train()
-    batch = {key: value.to(device) for key, value in synthetic_batch(config, batch_size).items()}
-    hf_step = step_functions(config, hf, None, batch)["hf"]
-    optimizer = torch.optim.AdamW(
-        hf.parameters(), lr=1e-4, eps=1e-6, weight_decay=0.01, fused=device.type == "cuda"
+    result = measure(hf, step_functions(config, hf, None, batch)["hf"])
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"hf": result}))
+    del hf
+    models = {}
+    for backend in lxtrain_backends:
+        torch.manual_seed(0)
+        model = LxmertForPretraining(dataclasses.replace(config, attention_backend=backend))
+        try:
+            model = model.to(device).train()
+            models[backend] = measure(model, step_functions(config, None, model, batch)["lxtrain"])
+        except Exception as error:  # e.g. fused forced without a GPU: recorded, the others still run
+            models[backend] = {"error": f"{type(error).__name__}: {error}"}
+        print(json.dumps({f"lxtrain_{backend}": models[backend]}))
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+    (record.parent / "lxtrain_models.json").write_text(json.dumps(models, indent=2) + "\n")
+
+
+def run_loader(shards: Path, batch_size: int, workers: int, batches: int, record: Path) -> None:
+    """The pre-training loader alone, as pretrain.py builds it: first-batch latency and steady samples/s."""
+    from lxtrain.data.loader import build_pretrain_loader
+
+    loader = build_pretrain_loader(
+        shards, batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(), strict=True
     )
-    autocast_dtype = torch.bfloat16
-
-    def step() -> float:
-        with torch.autocast(device.type, dtype=autocast_dtype):
-            loss = hf_step()  # zero_grad + forward + loss + backward (+ .item(): one sync, as pretrain.py)
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)  # pretrain.py's gradient_clipping
-        optimizer.step()
-        return loss
-
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    durations = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        durations.append(time.perf_counter() - start)
-    samples_per_s = batch_size / statistics.median(durations)
-    peak = detect_peak_tflops()
+    batches = min(batches, len(loader))
+    start = time.perf_counter()
+    iterator = iter(loader)  # epoch 0 from its start
+    next(iterator)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(batches - 1):
+        next(iterator)
+    steady = time.perf_counter() - start
     result = {
-        "samples_per_s": samples_per_s,
-        "mfu": samples_per_s * training_flops_per_sample(config) / (peak * 1e12) if peak else None,
+        "first_batch_s": first,
+        "samples_per_s": (batches - 1) * batch_size / steady if batches > 1 else None,
+        "batches": batches,
         "batch": batch_size,
-        "steps": steps,
-        "precision": "fp32 weights, bf16 autocast",
-        **_memory_record(),
+        "workers": workers,
+        "pin_memory": torch.cuda.is_available(),
     }
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(result, indent=2) + "\n")
@@ -157,18 +223,27 @@ def collect(out_dir: Path) -> dict:
     rows["hf"] = (
         {"status": "ok", **json.loads(hf_path.read_text())} if hf_path.exists() else {"status": "not run"}
     )
+    models_path = out_dir / "hf" / "lxtrain_models.json"
+    for backend, record in (json.loads(models_path.read_text()) if models_path.exists() else {}).items():
+        status = f"failed ({record['error']})" if "error" in record else "ok"
+        rows[f"model_{backend}"] = {"status": status, **record}
+    loader_path = out_dir / "loader" / "record.json"
+    loader = json.loads(loader_path.read_text()) if loader_path.exists() else None
 
     def ratio(numerator: str, denominator: str) -> float | None:
         top, bottom = rows[numerator].get("samples_per_s"), rows[denominator].get("samples_per_s")
         return top / bottom if top and bottom else None
 
-    ratios = {
-        f"{backend}_over_{base}": ratio(backend, base)
-        for backend in BACKENDS
-        for base in ("hf", "sdpa")
-        if backend != base
-    }
-    results = {**environment, "runs": rows, "throughput_ratios": ratios}
+    ratios = {}
+    for name in rows:
+        if name == "hf":
+            continue
+        ratios[f"{name}_over_hf"] = ratio(name, "hf")
+        # Like with like: model-alone rows against the model-alone SDPA row, runs against the SDPA run.
+        base = "model_sdpa" if name.startswith("model_") else "sdpa"
+        if name != base and base in rows:
+            ratios[f"{name}_over_sdpa"] = ratio(name, base)
+    results = {**environment, "runs": rows, "throughput_ratios": ratios, "loader_alone": loader}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "results.md").write_text(_markdown(results))
     print(_markdown(results))
@@ -193,12 +268,25 @@ def _markdown(results: dict) -> str:
     names = {"eager": "lxtrain eager (DeepSpeed bf16)", "sdpa": "lxtrain sdpa (DeepSpeed bf16)"}
     names |= {"fused": "lxtrain fused (DeepSpeed bf16)", "hf": "HF LxmertForPreTraining (bf16 autocast)"}
     for name, row in results["runs"].items():
+        label = names.get(name) or f"lxtrain model alone, {name.removeprefix('model_')} (bf16 autocast)"
         lines.append(
-            f"| {names[name]} | {row['status']} | {_format(row.get('samples_per_s'), '{:.1f}')} "
+            f"| {label} | {row['status']} | {_format(row.get('samples_per_s'), '{:.1f}')} "
             f"| {_format(row.get('mfu'), '{:.1%}')} | {_format(row.get('peak_memory_gib'), '{:.1f}')} "
             f"| {_format(row.get('data_wait_share'), '{:.1%}')} "
             f"| {_format(ratios.get(f'{name}_over_hf'), '{:.2f}x')} "
             f"| {_format(ratios.get(f'{name}_over_sdpa'), '{:.2f}x')} |"
+        )
+    lines += [
+        "",
+        "The HF row and the model-alone rows share one process, one on-GPU batch and torch's fused AdamW "
+        "(no DeepSpeed, no data loading); the DeepSpeed rows are whole pretrain.py runs with the real loader.",
+    ]
+    loader = results.get("loader_alone")
+    if loader:
+        lines.append(
+            f"Loader alone ({loader['workers']} workers, batch {loader['batch']}, pinned: {loader['pin_memory']}): "
+            f"{_format(loader['samples_per_s'], '{:.0f}')} samples/s over {loader['batches']} batches after a "
+            f"first batch in {loader['first_batch_s']:.1f} s."
         )
     return "\n".join(lines) + "\n"
 
@@ -215,6 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     hf.add_argument("--steps", type=int, default=30)
     hf.add_argument("--warmup", type=int, default=5)
     hf.add_argument("--record", type=Path, required=True)
+    hf.add_argument(
+        "--lxtrain-backends", default="sdpa,fused", help="lxtrain attention backends to time after HF"
+    )
+    loader = commands.add_parser("loader", help="time the pre-training loader alone")
+    loader.add_argument("--shards", type=Path, required=True)
+    loader.add_argument("--batch", type=int, required=True)
+    loader.add_argument("--workers", type=int, default=8)
+    loader.add_argument("--batches", type=int, default=30)
+    loader.add_argument("--record", type=Path, required=True)
     report = commands.add_parser("collect", help="write results.json and results.md")
     report.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)
@@ -222,7 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         forwarded = args.pretrain_args[1:] if args.pretrain_args[:1] == ["--"] else args.pretrain_args
         return run_pretrain(args.record, forwarded)
     if args.command == "hf":
-        run_hf(args.shards, args.batch, args.steps, args.warmup, args.record)
+        backends = [b for b in args.lxtrain_backends.split(",") if b]
+        run_hf(args.shards, args.batch, args.steps, args.warmup, args.record, backends)
+        return 0
+    if args.command == "loader":
+        run_loader(args.shards, args.batch, args.workers, args.batches, args.record)
         return 0
     collect(args.out_dir)
     return 0

@@ -9,7 +9,8 @@
 #   1. installs those wheels into a private site dir if deepspeed or webdataset is missing;
 #   2. records the environment and runs the GPU kernel tests and bench/kernels.py;
 #   3. writes a synthetic corpus (2048-d features, 36 boxes) with lxtrain.data.synthetic;
-#   4. times HF LxmertForPreTraining under bf16 autocast at the same batch;
+#   4. times HF LxmertForPreTraining and then lxtrain's model (sdpa, fused) in one process, same on-GPU
+#      batch, bf16 autocast, torch fused AdamW (the model alone), and the training loader alone;
 #   5. runs STEPS steps of the real lxtrain/pretrain.py, DeepSpeed bf16 ZeRO-2 (ds_configs/zero2_bf16.json
 #      for world size 1) for LXTRAIN_ATTENTION=fused, sdpa, eager;
 #   6. writes OUT_DIR/results.json and OUT_DIR/results.md (samples/s, MFU, peak memory, ratios).
@@ -136,13 +137,18 @@ json.dump(info, open(environment, "w"), indent=2)
 print("optimizer:", info["optimizer"])
 EOF
 
-# 5. HF baseline at the same batch (before the lxtrain runs: the ratios need it if time runs out).
+# 5. HF baseline and lxtrain's model alone at the same batch, then the loader alone (before the full
+#    runs: the ratios need them if time runs out; together they say where a step's time goes).
 if [[ -z "${SKIP_HF:-}" && -z "${DRY_RUN:-}" ]]; then
-  log "HF LxmertForPreTraining, bf16 autocast, batch $batch"
+  log "HF LxmertForPreTraining, then lxtrain's model (sdpa, fused): bf16 autocast, batch $batch"
   timeout "$stage_timeout" "$python" bench/gpu_pretrain.py hf --shards "$corpus/shards/train" --batch "$batch" \
     --steps "$(( steps < 30 ? steps : 30 ))" --record "$out/hf/record.json" > "$out/hf.txt" 2>&1 \
-    || log "HF baseline FAILED: see hf.txt"
+    || log "HF / model-alone timing FAILED: see hf.txt"
 fi
+log "training loader alone: $workers workers, batch $batch"
+timeout "$stage_timeout" "$python" bench/gpu_pretrain.py loader --shards "$corpus/shards/train" --batch "$batch" \
+  --workers "$workers" --batches "$steps" --record "$out/loader/record.json" > "$out/loader.txt" 2>&1 \
+  || log "loader timing FAILED: see loader.txt"
 
 for backend in $backends; do
   run=$out/runs/$backend

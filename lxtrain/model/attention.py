@@ -8,8 +8,11 @@ overrides it, so a run can be switched without editing configs, e.g. to compare 
   in one launch) and for the layer epilogues (bias + GELU; bias + dropout + residual + LayerNorm).
   Where they cannot run (no CUDA GPU of compute capability 8.0+, no Triton, an unsupported shape
   or dtype) asking for them is an error naming the reason, never a silent change of maths.
-- ``auto``: ``fused`` on a CUDA GPU for the shapes and dtypes the kernels support, else the exact
-  path (SDPA and PyTorch's elementwise ops); each distinct reason for falling back is logged once.
+- ``auto`` (the default): the fastest path measured, which today is ``sdpa`` on every device. On an
+  H200 (docs/kernels.md, "Results") the fused kernels were slower than SDPA and PyTorch's
+  elementwise ops at LXMERT's shapes, so ``auto`` does not pick them; ``fused`` stays available
+  when asked for. ``AUTO_USES_FUSED_KERNELS`` switches ``auto`` back to "fused on a CUDA GPU for
+  the inputs the kernels support, else the exact path" once a measurement says they win.
 
 ``resolve_backend`` settles what the configuration and device decide; what depends on a call's
 shapes is decided per call by the functions below, which every layer uses.
@@ -29,6 +32,9 @@ from lxtrain import kernels
 from lxtrain.model.config import ATTENTION_BACKENDS
 
 ENV_OVERRIDE = "LXTRAIN_ATTENTION"
+AUTO_USES_FUSED_KERNELS = False
+"""Whether ``auto`` may pick the fused kernels on a CUDA GPU. Off: bench/kernels.py on an H200 timed
+them slower than SDPA (0.44-1.02x) and the fused epilogues slower than PyTorch (0.34-0.66x)."""
 EXACT_BACKENDS = ("eager", "sdpa")
 """Resolved backends on which the layers run their original PyTorch code unchanged."""
 
@@ -63,6 +69,13 @@ def resolve_backend(configured: str, device: torch.device | str | None = None) -
         # CPU is the expected home of the exact path: said once, quietly.
         _report_once(
             f"attention backend 'auto' on {device.type}: using sdpa (fused kernels need CUDA)", logging.INFO
+        )
+        return "sdpa"
+    if backend == "auto" and not AUTO_USES_FUSED_KERNELS:
+        _report_once(
+            f"attention backend 'auto' on {device}: using sdpa, measured faster than lxtrain's fused "
+            "kernels at LXMERT's shapes (LXTRAIN_ATTENTION=fused runs them)",
+            logging.INFO,
         )
         return "sdpa"
     reason = kernels.unavailable_reason(device)

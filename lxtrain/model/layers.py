@@ -153,7 +153,8 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(config.intermediate_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        # The attention backend also decides the epilogues: 'fused'/'auto' route them to the kernels.
+        # The attention backend also decides the epilogues: 'fused' (and 'auto' where it resolves to
+        # the kernels) routes them there.
         self.backend = config.attention_backend
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
