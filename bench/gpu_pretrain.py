@@ -3,6 +3,7 @@
     python bench/gpu_pretrain.py pretrain --record R.json -- <lxtrain/pretrain.py arguments>
     python bench/gpu_pretrain.py hf --shards DIR --batch 256 --steps 30 --record R.json
     python bench/gpu_pretrain.py loader --shards DIR --batch 256 --workers 8 --record R.json
+    python bench/gpu_pretrain.py engine --shards DIR --deepspeed-config C.json --batch 256 --record R.json
     python bench/gpu_pretrain.py collect OUT_DIR
 
 ``pretrain`` calls the real ``lxtrain/pretrain.py`` entry point in this process, so the peak GPU
@@ -11,8 +12,10 @@ TensorBoard (``train/samples_per_s``, ``train/mfu``), read back by ``collect``.
 
 ``hf`` times HF's model and then lxtrain's model (each attention backend) in the same process, on
 the same on-GPU batch with the same optimizer: the model-alone comparison, without DeepSpeed and
-without data loading. ``loader`` times the training loader alone (no GPU work). Together with the
-full runs they say where a pre-training step's time goes.
+without data loading. ``engine`` times lxtrain's model and objective through the DeepSpeed engine of
+the full runs (same config, a ZeRO stage of choice) on that on-GPU batch: DeepSpeed without the
+loader. ``loader`` times the training loader alone (no GPU work). Together with the full runs they
+say where a pre-training step's time goes.
 """
 
 from __future__ import annotations
@@ -154,6 +157,71 @@ def run_hf(
     (record.parent / "lxtrain_models.json").write_text(json.dumps(models, indent=2) + "\n")
 
 
+def run_engine(
+    shards: Path,
+    deepspeed_config: Path,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    record: Path,
+    stage: int | None,
+) -> None:
+    """lxtrain's objective through DeepSpeed (pretrain.py's engine set-up) on a fixed on-device batch.
+
+    A step is what pretrain.py does per micro-batch minus the loader and the metric bookkeeping:
+    forward with every task weighted 1, ``engine.backward``, ``engine.step``, and one ``float`` of the
+    loss (pretrain.py syncs at least that often). ``stage`` overrides the config's ZeRO stage.
+    """
+    from model_step import synthetic_batch
+
+    from lxtrain import distributed
+    from lxtrain import engine as engine_setup
+    from lxtrain.model.config import LxmertConfig
+    from lxtrain.model.lxmert import LxmertForPretraining
+    from lxtrain.monitor import detect_peak_tflops, training_flops_per_sample
+    from lxtrain.tasks.objectives import RELEASE_VISUAL_LOSS_NORMALIZER, TASKS, PretrainingObjective
+
+    distributed.init()
+    index = json.loads((shards / "index.json").read_text())
+    config = LxmertConfig(visual_feature_dim=index["feature_dim"], num_qa_labels=index["answers"]["count"])
+    torch.manual_seed(0)
+    objective = PretrainingObjective(LxmertForPretraining(config), RELEASE_VISUAL_LOSS_NORMALIZER)
+    ds_config = engine_setup.prepare_deepspeed_config(
+        deepspeed_config, world_size=1, total_steps=steps + warmup, warmup_fraction=0.1
+    )
+    if stage is not None:
+        ds_config.setdefault("zero_optimization", {})["stage"] = stage
+    engine = engine_setup.initialize(objective, ds_config)
+    batch = {key: value.to(engine.device) for key, value in synthetic_batch(config, batch_size).items()}
+    weights = dict.fromkeys(TASKS, 1.0)
+    cuda = engine.device.type == "cuda"
+
+    def step() -> float:
+        output = engine(batch, weights)
+        engine.backward(output.total)
+        engine.step()
+        return float(output.total.detach())
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    samples_per_s = batch_size / _time_steps(step, steps, warmup, cuda)
+    peak = detect_peak_tflops()
+    result = {
+        "samples_per_s": samples_per_s,
+        "mfu": samples_per_s * training_flops_per_sample(config) / (peak * 1e12) if peak else None,
+        "batch": batch_size,
+        "steps": steps,
+        "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
+        "precision": engine_setup.precision(ds_config),
+        "optimizer": ds_config["optimizer"]["type"]
+        + (" (torch)" if ds_config["optimizer"]["params"].get("torch_adam") else ""),
+        **_memory_record(),
+    }
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
 def run_loader(shards: Path, batch_size: int, workers: int, batches: int, record: Path) -> None:
     """The pre-training loader alone, as pretrain.py builds it: first-batch latency and steady samples/s."""
     from lxtrain.data.loader import build_pretrain_loader
@@ -227,6 +295,8 @@ def collect(out_dir: Path) -> dict:
     for backend, record in (json.loads(models_path.read_text()) if models_path.exists() else {}).items():
         status = f"failed ({record['error']})" if "error" in record else "ok"
         rows[f"model_{backend}"] = {"status": status, **record}
+    for path in sorted((out_dir / "engine").glob("zero*.json")):
+        rows[f"engine_{path.stem}"] = {"status": "ok", **json.loads(path.read_text())}
     loader_path = out_dir / "loader" / "record.json"
     loader = json.loads(loader_path.read_text()) if loader_path.exists() else None
 
@@ -239,8 +309,9 @@ def collect(out_dir: Path) -> dict:
         if name == "hf":
             continue
         ratios[f"{name}_over_hf"] = ratio(name, "hf")
-        # Like with like: model-alone rows against the model-alone SDPA row, runs against the SDPA run.
-        base = "model_sdpa" if name.startswith("model_") else "sdpa"
+        # Full runs against the full SDPA run; model-alone and engine rows against the model alone
+        # with SDPA (for the engine rows: what DeepSpeed adds to the same model and batch).
+        base = "sdpa" if name in BACKENDS else "model_sdpa"
         if name != base and base in rows:
             ratios[f"{name}_over_sdpa"] = ratio(name, base)
     results = {**environment, "runs": rows, "throughput_ratios": ratios, "loader_alone": loader}
@@ -268,7 +339,11 @@ def _markdown(results: dict) -> str:
     names = {"eager": "lxtrain eager (DeepSpeed bf16)", "sdpa": "lxtrain sdpa (DeepSpeed bf16)"}
     names |= {"fused": "lxtrain fused (DeepSpeed bf16)", "hf": "HF LxmertForPreTraining (bf16 autocast)"}
     for name, row in results["runs"].items():
-        label = names.get(name) or f"lxtrain model alone, {name.removeprefix('model_')} (bf16 autocast)"
+        label = names.get(name) or (
+            f"lxtrain model alone, {name.removeprefix('model_')} (bf16 autocast)"
+            if name.startswith("model_")
+            else f"lxtrain via DeepSpeed {name.removeprefix('engine_').replace('zero', 'ZeRO-')}, sdpa, no loader"
+        )
         lines.append(
             f"| {label} | {row['status']} | {_format(row.get('samples_per_s'), '{:.1f}')} "
             f"| {_format(row.get('mfu'), '{:.1%}')} | {_format(row.get('peak_memory_gib'), '{:.1f}')} "
@@ -279,7 +354,10 @@ def _markdown(results: dict) -> str:
     lines += [
         "",
         "The HF row and the model-alone rows share one process, one on-GPU batch and torch's fused AdamW "
-        "(no DeepSpeed, no data loading); the DeepSpeed rows are whole pretrain.py runs with the real loader.",
+        "(no DeepSpeed, no data loading); the 'via DeepSpeed' rows run the same batch through pretrain.py's "
+        "engine set-up; the '(DeepSpeed bf16)' rows are whole pretrain.py runs with the real loader. "
+        "'vs SDPA' compares full runs with the full SDPA run, and the other lxtrain rows with the model "
+        "alone on SDPA.",
     ]
     loader = results.get("loader_alone")
     if loader:
@@ -312,6 +390,14 @@ def main(argv: list[str] | None = None) -> int:
     loader.add_argument("--workers", type=int, default=8)
     loader.add_argument("--batches", type=int, default=30)
     loader.add_argument("--record", type=Path, required=True)
+    engine = commands.add_parser("engine", help="time lxtrain through the DeepSpeed engine, no loader")
+    engine.add_argument("--shards", type=Path, required=True, help="the training shards (for sizes only)")
+    engine.add_argument("--deepspeed-config", type=Path, required=True)
+    engine.add_argument("--batch", type=int, required=True)
+    engine.add_argument("--steps", type=int, default=30)
+    engine.add_argument("--warmup", type=int, default=5)
+    engine.add_argument("--zero-stage", type=int, default=None, help="override the config's ZeRO stage")
+    engine.add_argument("--record", type=Path, required=True)
     report = commands.add_parser("collect", help="write results.json and results.md")
     report.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)
@@ -321,6 +407,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "hf":
         backends = [b for b in args.lxtrain_backends.split(",") if b]
         run_hf(args.shards, args.batch, args.steps, args.warmup, args.record, backends)
+        return 0
+    if args.command == "engine":
+        run_engine(
+            args.shards,
+            args.deepspeed_config,
+            args.batch,
+            args.steps,
+            args.warmup,
+            args.record,
+            args.zero_stage,
+        )
         return 0
     if args.command == "loader":
         run_loader(args.shards, args.batch, args.workers, args.batches, args.record)

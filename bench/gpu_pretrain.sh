@@ -10,7 +10,8 @@
 #   2. records the environment and runs the GPU kernel tests and bench/kernels.py;
 #   3. writes a synthetic corpus (2048-d features, 36 boxes) with lxtrain.data.synthetic;
 #   4. times HF LxmertForPreTraining and then lxtrain's model (sdpa, fused) in one process, same on-GPU
-#      batch, bf16 autocast, torch fused AdamW (the model alone), and the training loader alone;
+#      batch, bf16 autocast, torch fused AdamW (the model alone); the same through DeepSpeed's engine
+#      (ZeRO-2 and ZeRO-0, no loader); and the training loader alone;
 #   5. runs STEPS steps of the real lxtrain/pretrain.py, DeepSpeed bf16 ZeRO-2 (ds_configs/zero2_bf16.json
 #      for world size 1) for LXTRAIN_ATTENTION=fused, sdpa, eager;
 #   6. writes OUT_DIR/results.json and OUT_DIR/results.md (samples/s, MFU, peak memory, ratios).
@@ -144,6 +145,15 @@ if [[ -z "${SKIP_HF:-}" && -z "${DRY_RUN:-}" ]]; then
   timeout "$stage_timeout" "$python" bench/gpu_pretrain.py hf --shards "$corpus/shards/train" --batch "$batch" \
     --steps "$(( steps < 30 ? steps : 30 ))" --record "$out/hf/record.json" > "$out/hf.txt" 2>&1 \
     || log "HF / model-alone timing FAILED: see hf.txt"
+fi
+if [[ -z "${DRY_RUN:-}" ]]; then
+  for stage in 2 0; do
+    log "lxtrain through DeepSpeed ZeRO-$stage, no loader, batch $batch"
+    LXTRAIN_ATTENTION=sdpa timeout "$stage_timeout" "$python" bench/gpu_pretrain.py engine --shards "$corpus/shards/train" \
+      --deepspeed-config "$ds_config" --batch "$batch" --steps "$(( steps < 30 ? steps : 30 ))" --zero-stage "$stage" \
+      --record "$out/engine/zero$stage.json" > "$out/engine_zero$stage.txt" 2>&1 \
+      || log "engine timing (ZeRO-$stage) FAILED: see engine_zero$stage.txt"
+  done
 fi
 log "training loader alone: $workers workers, batch $batch"
 timeout "$stage_timeout" "$python" bench/gpu_pretrain.py loader --shards "$corpus/shards/train" --batch "$batch" \
