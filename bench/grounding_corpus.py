@@ -24,6 +24,8 @@ model from grounding words in boxes (see docs/grounding.md):
 - ``--dropout P`` and ``--clip N`` (0: no gradient clipping): optimisation knobs;
 - ``--decay``: the demo's schedule (5% linear warm-up, then linear decay to 0 at ``--steps``)
   instead of a constant learning rate;
+- ``--init EXPORT``: start from an lxtrain export (e.g. a grounded pre-training) instead of random
+  weights; its network shape wins over ``--hidden`` and ``--dropout``;
 - ``--grad-every N``: print the global gradient norm and the part of it from the RoI-feature
   projection's bias every N steps (masked boxes are all-zero features, so at initialisation that
   bias feeds a LayerNorm a constant vector and its gradient dominates the clipped global norm).
@@ -38,6 +40,7 @@ import time
 import torch
 
 from lxtrain import batch as B
+from lxtrain import convert
 from lxtrain.config import MODEL_PRESET_SIZES
 from lxtrain.data.index import open_index
 from lxtrain.data.loader import build_pretrain_loader, build_valid_loader
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decay", action="store_true", help="5%% warm-up, then linear decay to 0")
     parser.add_argument("--grad-every", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", default=None, metavar="EXPORT", help="start from an lxtrain export")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -125,7 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         hidden_dropout_prob=args.dropout,
         attention_probs_dropout_prob=args.dropout,
     )
-    objective = PretrainingObjective(LxmertForPretraining(config), zero_visual_input=args.zero_visual_input)
+    if args.init:
+        state, config = convert.read_lxtrain(args.init)
+        model = LxmertForPretraining(config)
+        model.load_state_dict(state)
+    else:
+        model = LxmertForPretraining(config)
+    objective = PretrainingObjective(model, zero_visual_input=args.zero_visual_input)
     optimizer = torch.optim.AdamW(objective.parameters(), lr=args.lr, weight_decay=0.01, eps=1e-6)
     warmup = max(1, int(0.05 * args.steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(

