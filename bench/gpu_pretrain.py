@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 BACKENDS = ("eager", "sdpa", "fused")
-WARM_WINDOWS = 2  # logged windows dropped from the medians: they hold start-up and Triton compilation
+WARM_WINDOWS = 2  # logged windows dropped when the report does not say how many steps were warm-up
+LOADER_RING_PER_WORKER = 4  # shared-memory batch buffers per loader worker: prefetch_factor 2 + 2
 
 
 def _memory_record() -> dict[str, float]:
@@ -223,25 +224,31 @@ def run_engine(
 
 
 def run_loader(shards: Path, batch_size: int, workers: int, batches: int, record: Path) -> None:
-    """The pre-training loader alone, as pretrain.py builds it: first-batch latency and steady samples/s."""
+    """The pre-training loader alone, as pretrain.py builds it: the first batch, the first pass over the
+    shared-memory batch ring (fresh pages: slow), and the steady rate after it, in samples/s."""
     from lxtrain.data.loader import build_pretrain_loader
 
     loader = build_pretrain_loader(
         shards, batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(), strict=True
     )
+    ring = max(workers, 1) * LOADER_RING_PER_WORKER
     batches = min(batches, len(loader))
+    arrivals = []
     start = time.perf_counter()
-    iterator = iter(loader)  # epoch 0 from its start
-    next(iterator)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(batches - 1):
-        next(iterator)
-    steady = time.perf_counter() - start
+    for batch_number, _ in enumerate(loader):  # epoch 0 from its start
+        arrivals.append(time.perf_counter() - start)
+        if batch_number + 1 >= batches:
+            break
+
+    def rate(first: int, last: int) -> float | None:  # samples/s between the arrivals of two batches
+        return (last - first) * batch_size / (arrivals[last] - arrivals[first]) if last > first else None
+
     result = {
-        "first_batch_s": first,
-        "samples_per_s": (batches - 1) * batch_size / steady if batches > 1 else None,
-        "batches": batches,
+        "first_batch_s": arrivals[0],
+        "ring_pass_samples_per_s": rate(0, min(ring, len(arrivals)) - 1),
+        "samples_per_s": rate(ring - 1, len(arrivals) - 1) if len(arrivals) > ring else None,
+        "batches": len(arrivals),
+        "ring_batches": ring,
         "batch": batch_size,
         "workers": workers,
         "pin_memory": torch.cuda.is_available(),
@@ -251,17 +258,25 @@ def run_loader(shards: Path, batch_size: int, workers: int, batches: int, record
     print(json.dumps(result))
 
 
-def _scalars(run_dir: Path) -> dict[str, list[float]]:
+def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] from a run's TensorBoard events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     accumulator.Reload()
     tags = accumulator.Tags()["scalars"]
-    return {tag: [event.value for event in accumulator.Scalars(tag)] for tag in tags}
+    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)] for tag in tags}
 
 
-def _median_after_warmup(values: list[float]) -> float | None:
-    kept = values[WARM_WINDOWS:] or values[-1:]
+def _median_after_warmup(
+    events: list[tuple[int, float]], warm_steps: int | None, log_every: int | None
+) -> float | None:
+    """Median over the logged windows that start after ``warm_steps`` (else after the first two)."""
+    if warm_steps is not None and log_every:
+        kept = [value for step, value in events if step - log_every >= warm_steps]
+    else:
+        kept = [value for _, value in events[WARM_WINDOWS:]]
+    kept = kept or [value for _, value in events[-1:]]
     return statistics.median(kept) if kept else None
 
 
@@ -282,9 +297,13 @@ def collect(out_dir: Path) -> dict:
         }
         if (run_dir / "tensorboard").exists():
             scalars = _scalars(run_dir)
-            row["samples_per_s"] = _median_after_warmup(scalars.get("train/samples_per_s", []))
-            row["mfu"] = _median_after_warmup(scalars.get("train/mfu", []))
-            row["data_wait_share"] = _median_after_warmup(scalars.get("train/data_wait_share", []))
+            warm, every = environment.get("warm_steps"), environment.get("log_every")
+            for key, tag in (
+                ("samples_per_s", "samples_per_s"),
+                ("mfu", "mfu"),
+                ("data_wait_share", "data_wait_share"),
+            ):
+                row[key] = _median_after_warmup(scalars.get(f"train/{tag}", []), warm, every)
             row["windows"] = len(scalars.get("train/samples_per_s", []))
         rows[backend] = row
     hf_path = out_dir / "hf" / "record.json"
@@ -330,7 +349,8 @@ def _markdown(results: dict) -> str:
         f"GPU: {results.get('gpu', '?')}; torch {results.get('torch', '?')}, triton {results.get('triton', '?')}, "
         f"deepspeed {results.get('deepspeed', '?')}, optimizer {results.get('optimizer', '?')}; "
         f"micro-batch {results.get('batch', '?')}, "
-        f"{results.get('steps', '?')} steps per run; command: `{results.get('command', '?')}`",
+        f"{results.get('steps', '?')} steps per run, medians over the windows after step "
+        f"{results.get('warm_steps', '?')}; command: `{results.get('command', '?')}`",
         "",
         "| run | status | samples/s | MFU | peak memory (GiB) | data wait | vs HF | vs SDPA |",
         "|---|---|---|---|---|---|---|---|",
@@ -363,8 +383,9 @@ def _markdown(results: dict) -> str:
     if loader:
         lines.append(
             f"Loader alone ({loader['workers']} workers, batch {loader['batch']}, pinned: {loader['pin_memory']}): "
-            f"{_format(loader['samples_per_s'], '{:.0f}')} samples/s over {loader['batches']} batches after a "
-            f"first batch in {loader['first_batch_s']:.1f} s."
+            f"first batch in {loader['first_batch_s']:.1f} s; {_format(loader.get('ring_pass_samples_per_s'), '{:.0f}')} "
+            f"samples/s over the first {loader.get('ring_batches', '?')} batches (the shared-memory ring's first "
+            f"pass), {_format(loader['samples_per_s'], '{:.0f}')} samples/s after it ({loader['batches']} batches)."
         )
     return "\n".join(lines) + "\n"
 

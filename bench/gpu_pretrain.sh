@@ -15,7 +15,9 @@
 #   5. runs STEPS steps of the real lxtrain/pretrain.py, DeepSpeed bf16 ZeRO-2 (ds_configs/zero2_bf16.json
 #      for world size 1) for LXTRAIN_ATTENTION=fused, sdpa, eager;
 #   6. writes OUT_DIR/results.json and OUT_DIR/results.md (samples/s, MFU, peak memory, ratios).
-# Knobs (environment): BATCH (micro-batch = batch, default 256), STEPS (40), LOG_EVERY (5), WORKERS (8),
+# Knobs (environment): BATCH (micro-batch = batch, default 256), WORKERS (8), WARM_STEPS (4 per worker:
+# the loader's first pass over its shared-memory batch ring, which page-faults fresh memory and runs
+# several times slower; the medians leave these steps out), STEPS (WARM_STEPS + 40), LOG_EVERY (5),
 # BACKENDS ("fused sdpa eager"), SKIP_TESTS=1, SKIP_KERNELS=1, SKIP_HF=1, DRY_RUN=1 (tiny model, CPU ok),
 # STAGE_TIMEOUT (seconds for each stage: the tests, the kernel bench, the FusedAdam build, each run;
 # default 300), so that one stage that hangs or compiles too long cannot eat a short lease; TESTS (the
@@ -38,14 +40,16 @@ fi
 out=$(mkdir -p "${1:?usage: gpu_pretrain.sh OUT_DIR [WHEELS_DIR] | --prepare WHEELS_DIR}" && cd "$1" && pwd)
 wheels=${2:-$repo/wheels}
 batch=${BATCH:-256}
-steps=${STEPS:-40}
-log_every=${LOG_EVERY:-5}
 workers=${WORKERS:-8}
+warm_steps=${WARM_STEPS:-$(( workers * 4 ))}  # 4 = the ring per worker: prefetch_factor 2 + 2
+steps=${STEPS:-$(( warm_steps + 40 ))}
+log_every=${LOG_EVERY:-5}
 backends=${BACKENDS:-fused sdpa eager}  # the ratios' numerators first
 stage_timeout=${STAGE_TIMEOUT:-300}
 model=base
 if [[ -n "${DRY_RUN:-}" ]]; then  # the whole pipeline with a tiny model: for checking this script on CPU
   model=tiny; batch=${BATCH:-4}; steps=${STEPS:-4}; log_every=${LOG_EVERY:-1}; workers=${WORKERS:-0}
+  warm_steps=${WARM_STEPS:-1}
 fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 # A free port for the single-rank process group (a fixed default may be taken on a shared machine).
@@ -67,11 +71,12 @@ if ! "$python" -c "from lxtrain.data.tokenizer import default_vocab_path; defaul
 fi
 
 # 2. Environment, GPU tests and per-kernel timings.
-"$python" - "$out" "$batch" "$steps" "$*" <<'EOF'
+"$python" - "$out" "$batch" "$steps" "$warm_steps" "$log_every" "$workers" "$*" <<'EOF'
 import json, sys, torch
-out, batch, steps, arguments = sys.argv[1:]
+out, batch, steps, warm_steps, log_every, workers, arguments = sys.argv[1:]
 info = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)",
         "torch": torch.__version__, "cuda": torch.version.cuda, "batch": int(batch), "steps": int(steps),
+        "warm_steps": int(warm_steps), "log_every": int(log_every), "workers": int(workers),
         "command": f"bench/gpu_pretrain.sh {arguments}".strip()}
 for name in ("triton", "deepspeed", "transformers"):
     try:
