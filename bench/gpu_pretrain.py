@@ -298,12 +298,8 @@ def collect(out_dir: Path) -> dict:
         if (run_dir / "tensorboard").exists():
             scalars = _scalars(run_dir)
             warm, every = environment.get("warm_steps"), environment.get("log_every")
-            for key, tag in (
-                ("samples_per_s", "samples_per_s"),
-                ("mfu", "mfu"),
-                ("data_wait_share", "data_wait_share"),
-            ):
-                row[key] = _median_after_warmup(scalars.get(f"train/{tag}", []), warm, every)
+            for tag in ("samples_per_s", "mfu", "data_wait_share"):
+                row[tag] = _median_after_warmup(scalars.get(f"train/{tag}", []), warm, every)
             row["windows"] = len(scalars.get("train/samples_per_s", []))
         rows[backend] = row
     hf_path = out_dir / "hf" / "record.json"
