@@ -167,30 +167,31 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _in_place_on_collective_device(
+    tensor: torch.Tensor, collective: Callable[[torch.Tensor], object]
+) -> torch.Tensor:
+    """Run ``collective`` on a CPU tensor, through the GPU under NCCL, and leave the result in ``tensor``."""
+    device = collective_device()
+    if device.type == "cpu":
+        collective(tensor)
+        return tensor
+    on_device = tensor.to(device)
+    collective(on_device)
+    return tensor.copy_(on_device.cpu())
+
+
 def all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
     """All-reduce a CPU tensor in place on any backend (a collective: call it on all ranks).
 
     The control-plane tensors here (step flags, metric sums) live on the CPU; under NCCL they make
     the round trip through the GPU, a few bytes.
     """
-    device = collective_device()
-    if device.type == "cpu":
-        dist.all_reduce(tensor, op=op)
-        return tensor
-    on_device = tensor.to(device)
-    dist.all_reduce(on_device, op=op)
-    return tensor.copy_(on_device.cpu())
+    return _in_place_on_collective_device(tensor, lambda t: dist.all_reduce(t, op=op))
 
 
 def broadcast_(tensor: torch.Tensor, src: int) -> torch.Tensor:
     """Broadcast a CPU tensor in place from rank ``src`` on any backend (a collective)."""
-    device = collective_device()
-    if device.type == "cpu":
-        dist.broadcast(tensor, src=src)
-        return tensor
-    on_device = tensor.to(device)
-    dist.broadcast(on_device, src=src)
-    return tensor.copy_(on_device.cpu())
+    return _in_place_on_collective_device(tensor, lambda t: dist.broadcast(t, src=src))
 
 
 def all_true(flag: bool) -> bool:
