@@ -8,6 +8,11 @@ Where the kernels run:
 - on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before the first kernel
   import and still set when the kernel is called): slow, for correctness tests only.
 
+Each kernel is a PyTorch custom operator (``torch.ops.lxtrain.*``, registered by
+``lxtrain.kernels.ops`` when this package is imported; registration needs no Triton), so a model
+calling the functions below compiles with ``torch.compile(fullgraph=True)``; dropout seeds are
+tensor operands, drawn afresh on every run of a compiled graph (see ``ops``).
+
 The model never calls this package directly: ``lxtrain.model.attention`` is the one dispatch that
 decides, per call, between these kernels and the exact PyTorch path (see docs/kernels.md).
 """
@@ -19,6 +24,8 @@ import importlib.util
 import os
 
 import torch
+
+from lxtrain.kernels import ops
 
 # Limits of the kernels: every key of a row sits in one block, so the key length is bounded (LXMERT
 # has 20 tokens and 36 objects); the head dimension is one block too.
@@ -143,18 +150,14 @@ def attention(
     is (B, Tq_0 + Tq_1, H, Dh): the directions' rows one after the other, heads interleaved the way
     the output projection wants them, so ``.view(B, T, H * Dh)`` is free. ``seed`` fixes the
     attention-dropout mask (default: drawn from torch's CPU generator, so ``torch.manual_seed``
-    makes runs reproducible).
+    makes runs reproducible; under torch.compile the draw is an op of the graph, made on every run).
     """
-    from lxtrain.kernels import attention_kernels
-
-    return attention_kernels.attention(queries, keys, values, biases, dropout_p, seed)
+    return ops.attention(queries, keys, values, biases, dropout_p, seed)
 
 
 def bias_gelu(inputs: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """gelu(inputs + bias) with the exact (erf) GELU, one pass forward and one backward."""
-    from lxtrain.kernels import epilogue_kernels
-
-    return epilogue_kernels.bias_gelu(inputs, bias)
+    return ops.bias_gelu(inputs, bias)
 
 
 def bias_dropout_residual_layer_norm(
@@ -167,14 +170,19 @@ def bias_dropout_residual_layer_norm(
     dropout_p: float,
     seed: int | None = None,
 ) -> torch.Tensor:
-    """LayerNorm(dropout(inputs + bias) + residual), one pass forward and one backward."""
-    from lxtrain.kernels import epilogue_kernels
+    """LayerNorm(dropout(inputs + bias) + residual), one pass forward and one backward.
 
-    return epilogue_kernels.bias_dropout_residual_layer_norm(
+    ``seed`` fixes the dropout mask; by default it is drawn as ``attention``'s is.
+    """
+    return ops.bias_dropout_residual_layer_norm(
         inputs, bias, residual, norm_weight, norm_bias, eps, dropout_p, seed
     )
 
 
 def draw_seed() -> int:
-    """A dropout seed from torch's default CPU generator (no device sync; follows torch.manual_seed)."""
-    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+    """A dropout seed from torch's default CPU generator (no device sync; follows torch.manual_seed).
+
+    The kernels themselves draw with ``ops.seed_tensor``, the same draw kept as a tensor: a Python
+    int would be a constant of a compiled graph (and ``int()`` of a traced tensor a graph break).
+    """
+    return int(torch.randint(0, ops.SEED_RANGE, (), dtype=torch.int64))

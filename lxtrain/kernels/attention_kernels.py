@@ -10,6 +10,10 @@ projection then consumes in a single matmul.
 
 Dropout: a counter-based Philox stream (``tl.rand``) keyed by (seed, element index), so the
 backward regenerates the forward's mask instead of storing it.
+
+This module only launches: ``launch_forward`` and ``launch_backward`` write into buffers that the
+custom operators of ``lxtrain.kernels.ops`` allocate (and describe to torch.compile) and wire into
+autograd.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lxtrain.kernels import _next_block, draw_seed, interpreter_requested
+from lxtrain.kernels import _next_block, interpreter_requested
 
 # Kernels decorated under the interpreter run on host tensors; the interpreter's tl.dot cannot
 # multiply bf16 operands, so there the operands are widened to fp32 after the same rounding a GPU
@@ -240,66 +244,76 @@ def _launch_config(q_lens: list[int], k_lens: list[int], head_dim: int, dtype: t
     )
 
 
-class _FusedAttention(torch.autograd.Function):
-    """Autograd wrapper: inputs are the two directions' (q, k, v, bias); the second may be absent."""
-
-    @staticmethod
-    def forward(ctx, dropout_p: float, seed: int, q0, k0, v0, bias0, q1, k1, v1, bias1):
-        two_way = q1 is not None
-        if not two_way:  # a one-direction launch: the unused argument slots repeat direction 0
-            q1, k1, v1, bias1 = q0, k0, v0, bias0
-        q0, k0, v0, q1, k1, v1 = (_last_dim_contiguous(t) for t in (q0, k0, v0, q1, k1, v1))
-        batch, heads, q_len0, head_dim = q0.shape
-        q_len1 = q1.shape[2] if two_way else 0
-        out_rows = q_len0 + q_len1
-        out = torch.empty(batch, out_rows, heads, head_dim, device=q0.device, dtype=q0.dtype)
-        config = _launch_config([q0.shape[2], q1.shape[2]], [k0.shape[2], k1.shape[2]], head_dim, q0.dtype)
-        geometry = (q_len0, k0.shape[2], q1.shape[2], k1.shape[2], heads, head_dim, out_rows)
-        scale = 1.0 / math.sqrt(head_dim)
-        grid = (batch * heads, 2 if two_way else 1)
-        _attention_forward[grid](
-            q0, k0, v0, bias0, q1, k1, v1, bias1, out,
-            *_strides(q0), *_strides(k0), *_strides(v0), *_bias_strides(bias0),
-            *_strides(q1), *_strides(k1), *_strides(v1), *_bias_strides(bias1),
-            out.stride(0), out.stride(2), out.stride(1),
-            *geometry, seed, dropout_p, scale,
-            HAS_BIAS0=bias0 is not None, HAS_BIAS1=bias1 is not None, DROPOUT=dropout_p > 0.0, **config,
-        )  # fmt: skip
-        ctx.save_for_backward(q0, k0, v0, bias0, q1, k1, v1, bias1)
-        ctx.meta = (two_way, dropout_p, seed, geometry, scale, config, grid)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor):
-        q0, k0, v0, bias0, q1, k1, v1, bias1 = ctx.saved_tensors
-        two_way, dropout_p, seed, geometry, scale, config, grid = ctx.meta
-        dout = _last_dim_contiguous(dout)
-        grads = [torch.empty_like(t) for t in (q0, k0, v0)]
-        grads += [torch.empty_like(t) for t in (q1, k1, v1)] if two_way else grads
-        dq0, dk0, dv0, dq1, dk1, dv1 = grads
-        _attention_backward[grid](
-            q0, k0, v0, bias0, dq0, dk0, dv0, q1, k1, v1, bias1, dq1, dk1, dv1, dout,
-            *_strides(q0), *_strides(k0), *_strides(v0), *_bias_strides(bias0),
-            *_strides(q1), *_strides(k1), *_strides(v1), *_bias_strides(bias1),
-            dout.stride(0), dout.stride(2), dout.stride(1),
-            *_strides(dq0), *_strides(dk0), *_strides(dv0), *_strides(dq1), *_strides(dk1), *_strides(dv1),
-            *geometry, seed, dropout_p, scale,
-            HAS_BIAS0=bias0 is not None, HAS_BIAS1=bias1 is not None, DROPOUT=dropout_p > 0.0, **config,
-        )  # fmt: skip
-        second = (dq1, dk1, dv1, None) if two_way else (None, None, None, None)
-        return None, None, dq0, dk0, dv0, None, *second
-
-
-def attention(
-    queries: list[torch.Tensor],
-    keys: list[torch.Tensor],
-    values: list[torch.Tensor],
-    biases: list[torch.Tensor | None],
+def launch_forward(
+    out: torch.Tensor,
+    q0: torch.Tensor,
+    k0: torch.Tensor,
+    v0: torch.Tensor,
+    bias0: torch.Tensor | None,
+    q1: torch.Tensor | None,
+    k1: torch.Tensor | None,
+    v1: torch.Tensor | None,
+    bias1: torch.Tensor | None,
     dropout_p: float,
-    seed: int | None,
-) -> torch.Tensor:
-    """See ``lxtrain.kernels.attention``; inputs are assumed checked by ``attention_unsupported_reason``."""
-    if seed is None:
-        seed = draw_seed() if dropout_p > 0.0 else 0
-    second = (queries[1], keys[1], values[1], biases[1]) if len(queries) == 2 else (None, None, None, None)
-    return _FusedAttention.apply(dropout_p, seed, queries[0], keys[0], values[0], biases[0], *second)
+    seed: int,
+) -> None:
+    """Writes direction 0 (and 1, if ``q1`` is given) into ``out`` (B, Tq_0 + Tq_1, H, Dh)."""
+    two_way = q1 is not None
+    if not two_way:  # a one-direction launch: the unused argument slots repeat direction 0
+        q1, k1, v1, bias1 = q0, k0, v0, bias0
+    q0, k0, v0, q1, k1, v1 = (_last_dim_contiguous(t) for t in (q0, k0, v0, q1, k1, v1))
+    grid, geometry, scale, config = _launch_geometry(q0, k0, q1, k1, two_way)
+    _attention_forward[grid](
+        q0, k0, v0, bias0, q1, k1, v1, bias1, out,
+        *_strides(q0), *_strides(k0), *_strides(v0), *_bias_strides(bias0),
+        *_strides(q1), *_strides(k1), *_strides(v1), *_bias_strides(bias1),
+        out.stride(0), out.stride(2), out.stride(1),
+        *geometry, seed, dropout_p, scale,
+        HAS_BIAS0=bias0 is not None, HAS_BIAS1=bias1 is not None, DROPOUT=dropout_p > 0.0, **config,
+    )  # fmt: skip
+
+
+def launch_backward(
+    grads: list[torch.Tensor],
+    dout: torch.Tensor,
+    q0: torch.Tensor,
+    k0: torch.Tensor,
+    v0: torch.Tensor,
+    bias0: torch.Tensor | None,
+    q1: torch.Tensor | None,
+    k1: torch.Tensor | None,
+    v1: torch.Tensor | None,
+    bias1: torch.Tensor | None,
+    dropout_p: float,
+    seed: int,
+) -> None:
+    """Writes [dq0, dk0, dv0(, dq1, dk1, dv1)] into ``grads`` (head dimension contiguous), given the
+    forward's inputs and seed: the probabilities and the dropout mask are recomputed, not stored."""
+    two_way = q1 is not None
+    if not two_way:  # direction 1's slots repeat direction 0; its programs are not launched
+        q1, k1, v1, bias1 = q0, k0, v0, bias0
+        grads = [*grads, *grads]
+    q0, k0, v0, q1, k1, v1 = (_last_dim_contiguous(t) for t in (q0, k0, v0, q1, k1, v1))
+    dout = _last_dim_contiguous(dout)
+    dq0, dk0, dv0, dq1, dk1, dv1 = grads
+    grid, geometry, scale, config = _launch_geometry(q0, k0, q1, k1, two_way)
+    _attention_backward[grid](
+        q0, k0, v0, bias0, dq0, dk0, dv0, q1, k1, v1, bias1, dq1, dk1, dv1, dout,
+        *_strides(q0), *_strides(k0), *_strides(v0), *_bias_strides(bias0),
+        *_strides(q1), *_strides(k1), *_strides(v1), *_bias_strides(bias1),
+        dout.stride(0), dout.stride(2), dout.stride(1),
+        *_strides(dq0), *_strides(dk0), *_strides(dv0), *_strides(dq1), *_strides(dk1), *_strides(dv1),
+        *geometry, seed, dropout_p, scale,
+        HAS_BIAS0=bias0 is not None, HAS_BIAS1=bias1 is not None, DROPOUT=dropout_p > 0.0, **config,
+    )  # fmt: skip
+
+
+def _launch_geometry(
+    q0: torch.Tensor, k0: torch.Tensor, q1: torch.Tensor, k1: torch.Tensor, two_way: bool
+) -> tuple[tuple[int, int], tuple[int, ...], float, dict]:
+    """Grid, lengths, softmax scale and block configuration, the same for forward and backward."""
+    batch, heads, q_len0, head_dim = q0.shape
+    out_rows = q_len0 + (q1.shape[2] if two_way else 0)
+    config = _launch_config([q_len0, q1.shape[2]], [k0.shape[2], k1.shape[2]], head_dim, q0.dtype)
+    geometry = (q_len0, k0.shape[2], q1.shape[2], k1.shape[2], heads, head_dim, out_rows)
+    return (batch * heads, 2 if two_way else 1), geometry, 1.0 / math.sqrt(head_dim), config

@@ -4,6 +4,9 @@ Both replace chains of elementwise PyTorch kernels (each a full read and write o
 with one pass forward and one pass backward. Arithmetic is fp32 in registers whatever the storage
 dtype. The LayerNorm epilogue's dropout uses the same counter-based Philox stream as attention
 (``tl.rand`` keyed by seed and element index), so backward regenerates the mask instead of storing it.
+
+The ``launch_*`` functions write into buffers allocated by the custom operators of
+``lxtrain.kernels.ops``, which wire them into autograd and torch.compile.
 """
 
 from __future__ import annotations
@@ -11,8 +14,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from lxtrain.kernels import draw_seed
 
 # Compiled kernels may read a module global only if it is a tl.constexpr (the interpreter reads any).
 SQRT_HALF = tl.constexpr(0.7071067811865476)
@@ -42,30 +43,20 @@ def _bias_gelu_backward(x_ptr, bias_ptr, dout_ptr, dx_ptr, numel, width, BLOCK: 
     tl.store(dx_ptr + offsets, (dout * slope).to(dx_ptr.dtype.element_ty), mask=ok)
 
 
-class _BiasGelu(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, inputs: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        inputs = inputs.contiguous()
-        out = torch.empty_like(inputs)
-        grid = (triton.cdiv(inputs.numel(), GELU_BLOCK),)
-        _bias_gelu_forward[grid](inputs, bias, out, inputs.numel(), bias.numel(), BLOCK=GELU_BLOCK)
-        ctx.save_for_backward(inputs, bias)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, bias = ctx.saved_tensors
-        dout = dout.contiguous()
-        dx = torch.empty_like(inputs)
-        grid = (triton.cdiv(inputs.numel(), GELU_BLOCK),)
-        _bias_gelu_backward[grid](inputs, bias, dout, dx, inputs.numel(), bias.numel(), BLOCK=GELU_BLOCK)
-        dbias = dx.reshape(-1, bias.numel()).sum(0, dtype=torch.float32).to(bias.dtype)
-        return dx, dbias
+def launch_bias_gelu(out: torch.Tensor, inputs: torch.Tensor, bias: torch.Tensor) -> None:
+    """Writes gelu(inputs + bias) into the contiguous ``out``."""
+    inputs = inputs.contiguous()
+    grid = (triton.cdiv(inputs.numel(), GELU_BLOCK),)
+    _bias_gelu_forward[grid](inputs, bias, out, inputs.numel(), bias.numel(), BLOCK=GELU_BLOCK)
 
 
-def bias_gelu(inputs: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """See ``lxtrain.kernels.bias_gelu``."""
-    return _BiasGelu.apply(inputs, bias)
+def launch_bias_gelu_backward(
+    dx: torch.Tensor, dout: torch.Tensor, inputs: torch.Tensor, bias: torch.Tensor
+) -> None:
+    """Writes the inputs' gradient into the contiguous ``dx`` (the bias gradient is its column sum)."""
+    inputs, dout = inputs.contiguous(), dout.contiguous()
+    grid = (triton.cdiv(inputs.numel(), GELU_BLOCK),)
+    _bias_gelu_backward[grid](inputs, bias, dout, dx, inputs.numel(), bias.numel(), BLOCK=GELU_BLOCK)
 
 
 @triton.jit
@@ -166,58 +157,11 @@ def _row_block(width: int) -> tuple[int, int]:
     return block, min(16, max(1, block // 256))
 
 
-class _BiasDropoutResidualLayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, inputs, bias, residual, norm_weight, norm_bias, eps: float, dropout_p: float, seed: int):
-        width = inputs.shape[-1]
-        rows = inputs.numel() // width
-        inputs, residual = inputs.contiguous(), residual.contiguous()
-        out_dtype = torch.promote_types(inputs.dtype, residual.dtype)
-        out = torch.empty(inputs.shape, dtype=out_dtype, device=inputs.device)
-        # The pre-norm sum is kept in fp32 so that backward's normalised values match forward's exactly.
-        total = torch.empty(inputs.shape, dtype=torch.float32, device=inputs.device)
-        mean = torch.empty(rows, dtype=torch.float32, device=inputs.device)
-        rstd = torch.empty_like(mean)
-        block, warps = _row_block(width)
-        _ln_epilogue_forward[(rows,)](
-            inputs, bias, residual, norm_weight, norm_bias, out, total, mean, rstd,
-            width, eps, seed, dropout_p, DROPOUT=dropout_p > 0.0, BLOCK=block, num_warps=warps,
-        )  # fmt: skip
-        ctx.save_for_backward(total, mean, rstd, norm_weight)
-        ctx.meta = (dropout_p, seed, inputs.dtype, residual.dtype, bias.dtype, norm_bias.dtype)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor):
-        total, mean, rstd, norm_weight = ctx.saved_tensors
-        dropout_p, seed, input_dtype, residual_dtype, bias_dtype, norm_bias_dtype = ctx.meta
-        dout = dout.contiguous()
-        width = total.shape[-1]
-        rows = total.numel() // width
-        dx = torch.empty(total.shape, dtype=input_dtype, device=total.device)
-        dresidual = torch.empty(total.shape, dtype=residual_dtype, device=total.device)
-        # Enough programs to fill a GPU, few enough that the partial sums stay a small fraction of the work.
-        programs = max(1, min(rows, 256 if total.is_cuda else 4))
-        parts = torch.empty(3, programs, width, dtype=torch.float32, device=total.device)
-        block, warps = _row_block(width)
-        _ln_epilogue_backward[(programs,)](
-            dout, total, mean, rstd, norm_weight, dx, dresidual, parts[0], parts[1], parts[2],
-            rows, width, seed, dropout_p, DROPOUT=dropout_p > 0.0, BLOCK=block, num_warps=warps,
-        )  # fmt: skip
-        dweight, dnorm_bias, dbias = parts.sum(1)
-        return (
-            dx,
-            dbias.to(bias_dtype),
-            dresidual,
-            dweight.to(norm_weight.dtype),
-            dnorm_bias.to(norm_bias_dtype),
-            None,
-            None,
-            None,
-        )
-
-
-def bias_dropout_residual_layer_norm(
+def launch_layer_norm_epilogue(
+    out: torch.Tensor,
+    total: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
     inputs: torch.Tensor,
     bias: torch.Tensor,
     residual: torch.Tensor,
@@ -225,11 +169,42 @@ def bias_dropout_residual_layer_norm(
     norm_bias: torch.Tensor,
     eps: float,
     dropout_p: float,
-    seed: int | None,
-) -> torch.Tensor:
-    """See ``lxtrain.kernels.bias_dropout_residual_layer_norm``."""
-    if seed is None:
-        seed = draw_seed() if dropout_p > 0.0 else 0
-    return _BiasDropoutResidualLayerNorm.apply(
-        inputs, bias, residual, norm_weight, norm_bias, eps, dropout_p, seed
-    )
+    seed: int,
+) -> None:
+    """Writes the output, the fp32 pre-norm sum and the rows' mean and 1/std (all contiguous)."""
+    width = inputs.shape[-1]
+    rows = inputs.numel() // width
+    inputs, residual = inputs.contiguous(), residual.contiguous()
+    block, warps = _row_block(width)
+    _ln_epilogue_forward[(rows,)](
+        inputs, bias, residual, norm_weight, norm_bias, out, total, mean, rstd,
+        width, eps, seed, dropout_p, DROPOUT=dropout_p > 0.0, BLOCK=block, num_warps=warps,
+    )  # fmt: skip
+
+
+def launch_layer_norm_epilogue_backward(
+    dx: torch.Tensor,
+    dresidual: torch.Tensor,
+    dout: torch.Tensor,
+    total: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    norm_weight: torch.Tensor,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Writes the inputs' and the residual's gradients into ``dx`` and ``dresidual`` (contiguous);
+    returns the fp32 gradients of the LayerNorm weight, the LayerNorm bias and the dense bias."""
+    dout = dout.contiguous()
+    width = total.shape[-1]
+    rows = total.numel() // width
+    # Enough programs to fill a GPU, few enough that the partial sums stay a small fraction of the work.
+    programs = max(1, min(rows, 256 if total.is_cuda else 4))
+    parts = torch.empty(3, programs, width, dtype=torch.float32, device=total.device)
+    block, warps = _row_block(width)
+    _ln_epilogue_backward[(programs,)](
+        dout, total, mean, rstd, norm_weight, dx, dresidual, parts[0], parts[1], parts[2],
+        rows, width, seed, dropout_p, DROPOUT=dropout_p > 0.0, BLOCK=block, num_warps=warps,
+    )  # fmt: skip
+    dweight, dnorm_bias, dbias = parts.sum(1)
+    return dweight, dnorm_bias, dbias
