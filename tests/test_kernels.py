@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -36,7 +38,10 @@ finally:
     else:
         os.environ[_INTERPRET] = _previous_interpret
 
+# torch._dynamo imports Triton: only after the kernels were defined under the interpreter above.
 from conftest import build_batch  # noqa: E402
+from functorch.compile import make_boxed_func  # noqa: E402
+from torch._dynamo.backends.common import aot_autograd  # noqa: E402
 
 from lxtrain import batch as B  # noqa: E402
 from lxtrain.model import attention as dispatch  # noqa: E402
@@ -461,6 +466,281 @@ def test_model_imports_and_runs_without_triton() -> None:
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert clean.stdout.strip() == "False", clean.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: every kernel is a custom operator (lxtrain.kernels.ops), so fullgraph compiles.
+
+
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    """Dynamo's caches emptied around a test, so that no test sees another's compiled graphs."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compile_case(name: str) -> tuple[Callable[..., torch.Tensor], list[torch.Tensor]]:
+    """A function calling one kernel through lxtrain.kernels' public API, and its leaf inputs (tiny)."""
+    if name == "attention-self":
+        q, k, v = (_heads(2, 6, 2, 16, torch.float32) for _ in range(3))
+        bias = _padding(2, 6, torch.float32, padded=True)
+        # An explicit seed: it must reach the graph as a tensor, not break it.
+        return lambda q, k, v: kernels.attention([q], [k], [v], [bias], 0.25, seed=7), [q, k, v]
+    if name == "attention-both-directions":
+        language = [_heads(2, 5, 2, 16, torch.float32) for _ in range(3)]
+        objects_ = [_heads(2, 7, 2, 16, torch.float32) for _ in range(3)]
+        biases = [_padding(2, 7, torch.float32, padded=True), _padding(2, 5, torch.float32, padded=True)]
+
+        def both(lq, lk, lv, oq, ok, ov):  # drawn seed: dropout as the model runs it
+            return kernels.attention([lq, oq], [ok, lk], [ov, lv], biases, 0.25)
+
+        return both, [*language, *objects_]
+    if name == "bias-gelu":
+        return kernels.bias_gelu, [_leaf((3, 5, 40), torch.float32, 2.0), _leaf((40,), torch.float32)]
+    if name == "layer-norm-epilogue":
+        leaves = [
+            _leaf((3, 5, 40), torch.float32),
+            _leaf((40,), torch.float32),
+            _leaf((3, 5, 40), torch.float32),
+        ]
+        leaves += [_leaf((40,), torch.float32), _leaf((40,), torch.float32)]
+        return lambda *tensors: kernels.bias_dropout_residual_layer_norm(*tensors, 1e-12, 0.2), leaves
+    raise ValueError(name)
+
+
+def _run_with_grads(fn, leaves: list[torch.Tensor], upstream: torch.Tensor | None, seed: int = 5):
+    """fn(*leaves) after torch.manual_seed(seed), and the leaves' gradients for ``upstream``."""
+    for leaf in leaves:
+        leaf.grad = None
+    torch.manual_seed(seed)
+    out = fn(*leaves)
+    upstream = torch.randn_like(out) if upstream is None else upstream
+    out.backward(upstream)
+    return out.detach(), [leaf.grad for leaf in leaves], upstream
+
+
+COMPILE_CASES = ["attention-self", "attention-both-directions", "bias-gelu", "layer-norm-epilogue"]
+
+
+@pytest.mark.parametrize("case", COMPILE_CASES)
+def test_kernel_compiles_fullgraph_and_matches_eager(case: str, fresh_dynamo) -> None:
+    torch.manual_seed(0)
+    fn, leaves = _compile_case(case)
+    explanation = torch._dynamo.explain(fn)(*leaves)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+    graph_ops = {str(node.target) for node in explanation.graphs[0].graph.nodes}
+    assert any(op.startswith("lxtrain.") for op in graph_ops), graph_ops  # the kernel is one node
+
+    eager, eager_grads, upstream = _run_with_grads(fn, leaves, None)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out, grads, _ = _run_with_grads(compiled, leaves, upstream)
+    # The same kernels on the same inputs, with the same seeds drawn from the same generator state.
+    assert torch.equal(out, eager)
+    for leaf_grad, eager_grad in zip(grads, eager_grads, strict=True):
+        assert torch.equal(leaf_grad, eager_grad)
+    if case in ("attention-both-directions", "layer-norm-epilogue"):
+        # Dropout with a drawn seed: another generator state gives other masks, so the equality
+        # above also says that the compiled graph drew the seed that eager drew.
+        assert not torch.equal(_run_with_grads(compiled, leaves, upstream, seed=6)[0], eager)
+
+
+def test_compiled_graph_draws_a_fresh_dropout_seed_every_run(fresh_dynamo) -> None:
+    torch.manual_seed(0)
+    language = [_heads(1, 4, 2, 8, torch.float32) for _ in range(3)]
+    objects_ = [_heads(1, 6, 2, 8, torch.float32) for _ in range(3)]
+    hidden, bias, weight = (
+        _leaf((4, 32), torch.float32),
+        _leaf((32,), torch.float32),
+        _leaf((32,), torch.float32),
+    )
+
+    def step(lq, lk, lv, oq, ok, ov, hidden, bias, weight):
+        attended = kernels.attention([lq, oq], [ok, lk], [ov, lv], [None, None], 0.5)
+        normed = kernels.bias_dropout_residual_layer_norm(hidden, bias, hidden, weight, bias, 1e-12, 0.5)
+        return attended.sum() + (kernels.bias_gelu(normed, bias) * weight).sum()
+
+    graphs: dict[str, list[torch.fx.GraphModule]] = {"forward": [], "backward": []}
+
+    def capture(kind: str):
+        def compiler(graph: torch.fx.GraphModule, example_inputs):
+            graphs[kind].append(graph)
+            return make_boxed_func(graph.forward)
+
+        return compiler
+
+    compiled = torch.compile(
+        step,
+        fullgraph=True,
+        backend=aot_autograd(fw_compiler=capture("forward"), bw_compiler=capture("backward")),
+    )
+    inputs = [*language, *objects_, hidden, bias, weight]
+    first, second = compiled(*inputs), compiled(*inputs)
+    assert not torch.equal(first, second)  # a seed baked into the graph would repeat the masks
+    torch.manual_seed(11)
+    again = compiled(*inputs)
+    torch.manual_seed(11)
+    assert torch.equal(again, step(*inputs))  # the graph draws as eager draws: manual_seed reproduces
+    again.backward()
+
+    # The graphs hold the operators as opaque nodes, forward and backward, and draw the seeds.
+    (forward,), (backward,) = graphs["forward"], graphs["backward"]
+    forward_ops = {str(node.target) for node in forward.graph.nodes}
+    backward_ops = {str(node.target) for node in backward.graph.nodes}
+    for name in ("attention", "bias_gelu", "bias_dropout_residual_layer_norm"):
+        assert f"lxtrain.{name}.default" in forward_ops, forward_ops
+        assert f"lxtrain.{name}_backward.default" in backward_ops, backward_ops
+    assert sum(op.startswith("aten.randint") for op in forward_ops) >= 1, forward_ops
+    assert len(graphs["forward"]) == 1  # the three calls and manual_seed caused no recompilation
+
+
+@pytest.mark.slow
+def test_tiny_model_training_step_compiles_fullgraph_on_fused_backend(fresh_dynamo) -> None:
+    # The whole backbone with dropout on: the dispatch in lxtrain.model.attention and every kernel
+    # trace into one graph, and the compiled step (forward and every gradient) equals eager's.
+    config = LxmertConfig.tiny()
+    torch.manual_seed(0)
+    model = LxmertForPretraining(config).to(DEVICE).train()
+    _set_backend(model, "fused")
+    batch = build_batch(config, batch_size=2, seq_len=6, num_objects=4)
+    inputs = [batch[key].to(DEVICE) for key in B.MODEL_INPUT_KEYS]
+
+    def loss(*inputs: torch.Tensor) -> torch.Tensor:
+        out = model.backbone(*inputs)
+        return (out.language**2).mean() + (out.objects**2).mean() + out.pooled.sum()
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording_aot_eager(graph: torch.fx.GraphModule, example_inputs):
+        graphs.append(graph)
+        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+
+    results = []
+    for run in (loss, torch.compile(loss, fullgraph=True, backend=recording_aot_eager)):
+        model.zero_grad()
+        torch.manual_seed(3)
+        value = run(*inputs)
+        value.backward()
+        results.append(
+            (value.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+        )
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert len(graphs) == 1
+    kernel_calls = [node for node in graphs[0].graph.nodes if str(node.target).startswith("lxtrain.")]
+    names = {str(node.target) for node in kernel_calls}
+    assert names == {
+        "lxtrain.attention.default",
+        "lxtrain.bias_gelu.default",
+        "lxtrain.bias_dropout_residual_layer_norm.default",
+    }, names
+    # The cross layer's two directions are one launch: an attention call with a second query.
+    assert any(
+        str(node.target) == "lxtrain.attention.default" and node.args[4] is not None for node in kernel_calls
+    )
+    assert torch.equal(compiled, eager)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name, grad in compiled_grads.items():
+        assert torch.equal(grad, eager_grads[name]), name
+
+
+def _opcheck_case(name: str) -> tuple[torch._ops.OpOverload, tuple]:
+    """(operator, arguments) with small inputs for torch.library.opcheck (built in the test: the
+    layer-norm backward's inputs come from a kernel, which runs only under the test's interpreter)."""
+    torch.manual_seed(0)
+    ops = torch.ops.lxtrain
+    seed = torch.tensor(11, dtype=torch.int64)
+    lq, lk, lv = (_heads(2, 5, 2, 16, torch.float32) for _ in range(3))
+    oq, ok, ov = (_heads(2, 7, 2, 16, torch.float32) for _ in range(3))
+    lbias, obias = (_padding(2, n, torch.float32, padded=True) for n in (5, 7))
+    both = (lq, ok, ov, obias, oq, lk, lv, lbias, 0.3, seed)
+    x, b = _leaf((3, 5, 40), torch.float32), _leaf((40,), torch.float32)
+    ln = (x, b, _leaf((3, 5, 40), torch.float32), _leaf((40,), torch.float32), _leaf((40,), torch.float32))
+    if name == "attention-both-directions":
+        return ops.attention.default, both
+    if name == "attention-self-strided-query":
+        # A query whose head dimension is not contiguous: the kernels copy it, its gradient is contiguous.
+        strided = torch.randn(2, 2, 16, 5, device=DEVICE).transpose(-1, -2).requires_grad_()
+        return ops.attention.default, (strided, lk, lv, lbias, None, None, None, None, 0.0, seed)
+    if name == "attention-backward":
+        detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in both)
+        return ops.attention_backward.default, (torch.randn(2, 12, 2, 16, device=DEVICE), *detached)
+    if name == "bias-gelu":
+        return ops.bias_gelu.default, (x, b)
+    if name == "bias-gelu-backward":
+        return ops.bias_gelu_backward.default, (torch.randn_like(x), x.detach(), b.detach())
+    if name == "layer-norm-epilogue":
+        return ops.bias_dropout_residual_layer_norm.default, (*ln, 1e-12, 0.2, seed)
+    if name == "layer-norm-epilogue-bf16-fp32":
+        # bf16 activations, an fp32 residual and LayerNorm: the output and each gradient keep their dtype.
+        mixed = (_leaf((2, 3, 24), torch.bfloat16), _leaf((24,), torch.bfloat16))
+        mixed += (_leaf((2, 3, 24), torch.float32), _leaf((24,), torch.float32), _leaf((24,), torch.float32))
+        return ops.bias_dropout_residual_layer_norm.default, (*mixed, 1e-5, 0.1, seed)
+    if name == "layer-norm-epilogue-backward":
+        with torch.no_grad():
+            _, total, mean, rstd = ops.bias_dropout_residual_layer_norm(*ln, 1e-12, 0.2, seed)
+        dtypes = (torch.float32,) * 4
+        args = (torch.randn_like(total), total, mean, rstd, ln[3].detach(), 0.2, seed, *dtypes)
+        return ops.bias_dropout_residual_layer_norm_backward.default, args
+    raise ValueError(name)
+
+
+OPCHECK_CASES = [
+    "attention-both-directions",
+    "attention-self-strided-query",
+    "attention-backward",
+    "bias-gelu",
+    "bias-gelu-backward",
+    "layer-norm-epilogue",
+    "layer-norm-epilogue-bf16-fp32",
+    "layer-norm-epilogue-backward",
+]
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES)
+def test_opcheck(case: str, fresh_dynamo) -> None:
+    # All four checks run under the interpreter: the schema (no mutation, no aliasing), the autograd
+    # registration, the fake kernel's shapes, dtypes and strides against the real outputs, and
+    # AOT dispatch with dynamic shapes (outputs and gradients equal to eager).
+    op, args = _opcheck_case(case)
+    results = torch.library.opcheck(op, args)
+    checks = {"test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"}
+    assert set(results) == checks
+    assert set(results.values()) == {"SUCCESS"}, results
+
+
+def _cpu_compiler_missing() -> bool:
+    return DEVICE == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_cpu_compiler_missing(), reason="inductor on CPU needs a C++ compiler")
+def test_inductor_compiles_the_kernels_with_fused_ops_around_them(fresh_dynamo) -> None:
+    # Inductor generates code for the ops around the kernels (here C++ on CPU) and calls the
+    # operators as opaque kernels, checking their outputs' strides against the fake kernels.
+    torch.manual_seed(0)
+    language = [_heads(1, 4, 2, 8, torch.float32) for _ in range(3)]
+    objects_ = [_heads(1, 6, 2, 8, torch.float32) for _ in range(3)]
+    hidden, bias = _leaf((10, 16), torch.float32), _leaf((16,), torch.float32)
+    weight, norm_bias = _leaf((16,), torch.float32), _leaf((16,), torch.float32)
+
+    def layer(lq, lk, lv, oq, ok, ov, hidden, bias, weight, norm_bias):
+        attended = kernels.attention([lq, oq], [ok, lk], [ov, lv], [None, None], 0.2).flatten(2)
+        activated = kernels.bias_gelu(attended.reshape(10, 16) * 0.5, bias)
+        return kernels.bias_dropout_residual_layer_norm(
+            activated, bias, hidden, weight, norm_bias, 1e-12, 0.2
+        )
+
+    leaves = [*language, *objects_, hidden, bias, weight, norm_bias]
+    eager, eager_grads, upstream = _run_with_grads(layer, leaves, None)
+    # fallback_random: the graph draws the seeds with aten.randint, as eager does, so they compare;
+    # inductor's default draws them with its own generator (also fresh on every run).
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+        out, grads, _ = _run_with_grads(compiled, leaves, upstream)
+        assert not torch.equal(compiled(*leaves), out)  # the next run draws new seeds
+    _assert_close(out, eager, torch.float32, "output")
+    for leaf_grad, eager_grad in zip(grads, eager_grads, strict=True):
+        _assert_close(leaf_grad, eager_grad, torch.float32, "gradient")
 
 
 # ---------------------------------------------------------------------------------------------
