@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     tally = {"[MASK]": [0, 0], "kept": [0, 0], "random": [0, 0]}
     with torch.no_grad():
         for batch in build_valid_loader(args.shards, 128, num_workers=0):
-            correct = objective(batch, {"mlm": 1.0}).row_correct["mlm"]
+            correct_at = objective(batch, {"mlm": 1.0}).row_correct["mlm"]  # (B, T)
             labels, inputs = batch[B.MLM_LABELS], batch[B.INPUT_IDS]
             selected = labels != IGNORE_INDEX
-            label, given = labels[selected], inputs[selected]
+            label, given, correct = labels[selected], inputs[selected], correct_at[selected]
             is_object_word = torch.isin(label, object_words)
             kinds = {
                 "[MASK]": given == encoder.mask_id,

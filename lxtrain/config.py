@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from lxtrain.compiling import COMPILE_MODES
 from lxtrain.model.config import LxmertConfig
+from lxtrain.tasks.objectives import DEFAULT_MLM_CAPACITY
 from lxtrain.tasks.schedule import RECIPES
 
 # LxmertConfig fields each preset sets (the rest keep LXMERT-base's values); the feature
@@ -98,6 +100,11 @@ class PretrainConfig:
     """Upper bound on any collective: a dead rank makes the others stop within it."""
     export: bool = True
     """Write a consolidated fp32 export (lxtrain format) at the end."""
+    compile: str = "auto"
+    """torch.compile of the training forward: auto (on CUDA GPUs, not under ZeRO-3) | off | default | cudagraphs."""
+    mlm_capacity: float = DEFAULT_MLM_CAPACITY
+    """Share of a micro-batch's B x T positions the masked-LM head evaluates (a fixed shape: no sync);
+    masked words beyond it are left out and counted (train/mlm_over_capacity)."""
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -121,6 +128,10 @@ class PretrainConfig:
                 )
             if not (self.object_words or "").strip():
                 raise ValueError("--object-word-mask-probability needs --object-words (the words to mask)")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"--compile {self.compile!r} is not one of {COMPILE_MODES}")
+        if not 0 < self.mlm_capacity <= 1:
+            raise ValueError(f"--mlm-capacity must be in (0, 1]; got {self.mlm_capacity}")
         if not Path(self.deepspeed_config).is_file():
             raise FileNotFoundError(f"--deepspeed_config {self.deepspeed_config}: no such file")
 

@@ -92,6 +92,8 @@ def init(timeout_s: float = 300.0) -> DistributedInfo:
     ``timeout_s`` bounds every collective: a rank that dies makes the others fail within it
     instead of hanging forever.
     """
+    global _collective_timeout
+    _collective_timeout = datetime.timedelta(seconds=timeout_s)
     info = discover()
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
@@ -101,11 +103,40 @@ def init(timeout_s: float = 300.0) -> DistributedInfo:
         deepspeed.init_distributed(
             dist_backend=backend(),
             auto_mpi_discovery=False,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=_collective_timeout,
             rank=info.rank,
             world_size=info.world_size,
         )
     return info
+
+
+_collective_timeout = datetime.timedelta(seconds=300)
+_control_group: dist.ProcessGroup | None = None
+
+
+def control_group() -> dist.ProcessGroup:
+    """A gloo group over all ranks for per-step control flags (stop requested, ...).
+
+    A flag exchanged through NCCL would go through the GPU and make the host wait for the compute
+    queued before it; over gloo it is a few bytes between CPUs. Created on the first call, which
+    every rank makes at the same point (creating a group is itself a collective).
+    """
+    global _control_group
+    if _control_group is None:
+        if dist.get_backend() == "gloo":
+            _control_group = dist.group.WORLD
+        else:
+            _control_group = dist.new_group(backend="gloo", timeout=_collective_timeout)
+    return _control_group
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank iff ``flag`` is true on some rank; a CPU collective (none at world size 1)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=control_group())
+    return bool(value[0])
 
 
 def print0(*args: object, **kwargs: object) -> None:

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from lxtrain import batch as B  # noqa: E402
-from lxtrain import checkpoint, distributed  # noqa: E402
+from lxtrain import checkpoint, compiling, distributed  # noqa: E402
 from lxtrain import engine as engine_setup
 from lxtrain.config import PretrainConfig, parse_args  # noqa: E402
 from lxtrain.data.loader import build_pretrain_loader, build_valid_loader  # noqa: E402
@@ -136,31 +136,55 @@ class PretrainData:
 
 
 class TaskMeter:
-    """Sums of per-task losses and accuracy counts between two log points, reduced over ranks."""
+    """Sums of per-task losses and accuracy counts between two log points, and non-finite losses.
 
-    def __init__(self) -> None:
+    Everything lives on the training device: ``add`` only queues a few device ops (a training step
+    never waits for the GPU to read a metric back); ``reduce`` and ``health`` read and all-reduce
+    the sums, at log steps. A micro-batch with a non-finite total adds nothing to the sums.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self._indices: dict[tuple[str, ...], torch.Tensor] = {}
+        # Consecutive non-finite micro-batches, carried across log windows.
+        self.nonfinite_run = torch.zeros((), dtype=torch.int64, device=self.device)
         self.reset()
 
     def reset(self) -> None:
-        size = len(TASKS)
-        self.loss_sum = torch.zeros(size, dtype=torch.float64)
-        self.loss_count = torch.zeros(size, dtype=torch.float64)
-        self.correct = torch.zeros(size, dtype=torch.float64)
-        self.labelled = torch.zeros(size, dtype=torch.float64)
-        self.extra: dict[str, float] = {}
+        # Rows: loss sum, loss count, correct, labelled; one column per task.
+        self.sums = torch.zeros(4, len(TASKS), dtype=torch.float64, device=self.device)
+        # nonfinite micro-batches, longest run of them, masked-LM labels over capacity (this window)
+        self.events = torch.zeros(3, dtype=torch.int64, device=self.device)
+
+    def _index(self, names: tuple[str, ...]) -> torch.Tensor:
+        # Made once per task set: a fresh index tensor each step would be a host-to-device copy.
+        if names not in self._indices:
+            positions = [TASKS.index(name) for name in names]
+            self._indices[names] = torch.tensor(positions, dtype=torch.int64, device=self.device)
+        return self._indices[names]
 
     def add(self, output) -> None:
-        for index, task in enumerate(TASKS):
-            if task in output.losses:
-                self.loss_sum[index] += float(output.losses[task].detach())
-                self.loss_count[index] += 1
-            if task in output.counts:
-                self.correct[index] += float(output.correct[task])
-                self.labelled[index] += float(output.counts[task])
+        finite = torch.isfinite(output.total.detach())
+        names = tuple(task for task in TASKS if task in output.losses)
+        losses = torch.stack([output.losses[task].detach() for task in names]).double()
+        self.sums[0].index_add_(0, self._index(names), torch.where(finite, losses, 0.0))
+        self.sums[1].index_add_(0, self._index(names), finite.double().expand(len(names)))
+        counted = tuple(task for task in TASKS if task in output.counts)
+        if counted:
+            hits = torch.stack([output.correct[task] for task in counted]).double()
+            labelled = torch.stack([output.counts[task] for task in counted]).double()
+            self.sums[2].index_add_(0, self._index(counted), torch.where(finite, hits, 0.0))
+            self.sums[3].index_add_(0, self._index(counted), torch.where(finite, labelled, 0.0))
+        bad = (~finite).long()
+        self.nonfinite_run.add_(1).mul_(bad)
+        self.events[0].add_(bad)
+        torch.maximum(self.events[1], self.nonfinite_run, out=self.events[1])
+        if output.mlm_over_capacity is not None:
+            self.events[2].add_(output.mlm_over_capacity)
 
     def reduce(self) -> tuple[dict[str, float], dict[str, float]]:
         """(mean loss per task, accuracy per task) over all ranks; a collective."""
-        stacked = torch.stack([self.loss_sum, self.loss_count, self.correct, self.labelled])
+        stacked = self.sums.cpu()
         if dist.is_initialized():
             distributed.all_reduce_(stacked)
         loss_sum, loss_count, correct, labelled = stacked
@@ -168,23 +192,41 @@ class TaskMeter:
         accuracies = {t: float(correct[i] / labelled[i]) for i, t in enumerate(TASKS) if labelled[i] > 0}
         return losses, accuracies
 
+    def health(self) -> tuple[int, int, int]:
+        """(non-finite micro-batches, longest run of them, masked-LM labels over capacity) in this
+        window: summed over ranks, the run the longest on any rank; a collective."""
+        summed, longest = self.events.cpu(), self.events[1:2].cpu()
+        if dist.is_initialized():
+            distributed.all_reduce_(summed)
+            distributed.all_reduce_(longest, op=dist.ReduceOp.MAX)
+        return int(summed[0]), int(longest[0]), int(summed[2])
 
-def build_engine(cfg: PretrainConfig, data: PretrainData, world_size: int, total_steps: int):
+
+def build_engine(cfg: PretrainConfig, data: PretrainData, world_size: int, total_steps: int, device):
     index = data.train.index
     model_config = cfg.model_config(feature_dim=index.feature_dim, num_answers=len(index.answers))
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = LxmertForPretraining(model_config)
-    normalizer = (
-        HF_VISUAL_LOSS_NORMALIZER if cfg.visual_loss_normalizer == "hf" else RELEASE_VISUAL_LOSS_NORMALIZER
-    )
-    objective = PretrainingObjective(model, normalizer, zero_visual_input=cfg.zero_visual_input)
     ds_config = engine_setup.prepare_deepspeed_config(
         cfg.deepspeed_config,
         world_size=world_size,
         total_steps=total_steps,
         warmup_fraction=cfg.warmup_fraction,
     )
-    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    compile_mode = compiling.resolve_compile_mode(cfg.compile, device, zero_stage)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = LxmertForPretraining(model_config)
+    normalizer = (
+        HF_VISUAL_LOSS_NORMALIZER if cfg.visual_loss_normalizer == "hf" else RELEASE_VISUAL_LOSS_NORMALIZER
+    )
+    objective = PretrainingObjective(
+        model,
+        normalizer,
+        zero_visual_input=cfg.zero_visual_input,
+        mlm_capacity_fraction=cfg.mlm_capacity,
+        compile_mode=compile_mode,
+        compile_fallback=cfg.compile == compiling.AUTO,
+    )
+    if zero_stage == 3:
         import deepspeed
 
         # The MLM decoder reads the word-embedding table outside the embedding module.
@@ -199,16 +241,15 @@ def object_word_tally(
     the sentences that describe the image shown (``matched``), where only the image can decide the
     word; on mismatched pairs the best any model can do is the words' prior.
 
-    ``mlm_correct`` holds one bool per masked-LM label, in the order of ``mlm_labels[mlm_labels != -100]``.
+    ``mlm_correct`` is (B, T) like ``mlm_labels``: True where a masked word was predicted right
+    (``ObjectiveOutput.row_correct["mlm"]``).
     """
-    labelled = mlm_labels != -100
-    is_object_word = torch.isin(mlm_labels[labelled], object_words)
-    on_matched = is_object_word & (matched[labelled.nonzero()[:, 0]] == 1)
-    correct = mlm_correct.to(torch.float64)
+    is_object_word = (mlm_labels != -100) & torch.isin(mlm_labels, object_words)
+    on_matched = is_object_word & (matched[:, None] == 1)
     return torch.tensor(
         [
-            [float(correct[is_object_word].sum()), float(is_object_word.sum())],
-            [float(correct[on_matched].sum()), float(on_matched.sum())],
+            [float((mlm_correct & is_object_word).sum()), float(is_object_word.sum())],
+            [float((mlm_correct & on_matched).sum()), float(on_matched.sum())],
         ],
         dtype=torch.float64,
     )
@@ -220,7 +261,7 @@ def validate(
 ) -> dict:
     """Every task's loss and accuracy, QA accuracy per source, and an attention image; a collective."""
     engine.eval()
-    meter = TaskMeter()
+    meter = TaskMeter(engine.device)
     qa_by_source = torch.zeros(2, len(B.SENTENCE_SOURCE_NAMES), dtype=torch.float64)
     all_tasks = dict.fromkeys(TASKS, 1.0)
     device = engine.device
@@ -239,9 +280,9 @@ def validate(
         if not counted:
             continue
         meter.add(output)
-        labels = batch[B.QA_LABELS].cpu()
-        sources = batch[B.SENTENCE_SOURCES].cpu()[labels != -100]
-        qa_by_source[0].index_add_(0, sources, output.row_correct["qa"].double().cpu())
+        labelled = batch[B.QA_LABELS].cpu() != -100
+        sources = batch[B.SENTENCE_SOURCES].cpu()[labelled]
+        qa_by_source[0].index_add_(0, sources, output.row_correct["qa"].cpu()[labelled].double())
         qa_by_source[1].index_add_(0, sources, torch.ones_like(sources, dtype=torch.float64))
         object_word_hits += object_word_tally(
             batch[B.MLM_LABELS].cpu(),
@@ -282,7 +323,28 @@ def _log_attention(
     monitor.text("attention/words", " | ".join(words), step)
 
 
-def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopRequested) -> int:
+class StepHooks:
+    """Callbacks at the training loop's fixed points: tools and tests observe a run through them.
+
+    ``step_begins(step)`` comes before the first micro-batch of step ``step + 1`` is fetched;
+    ``step_ends(step)`` right after optimiser step ``step``, before any logging, saving or
+    validation of that step. The defaults do nothing.
+    """
+
+    def step_begins(self, step: int) -> None:
+        pass
+
+    def step_ends(self, step: int) -> None:
+        pass
+
+
+def run(
+    cfg: PretrainConfig,
+    info: distributed.DistributedInfo,
+    stop: StopRequested,
+    hooks: StepHooks | None = None,
+) -> int:
+    hooks = hooks or StepHooks()
     output_dir = Path(cfg.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
     # Everything that can be wrong with the inputs is checked before the model is built.
@@ -314,7 +376,12 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopReques
             raise FileNotFoundError(f"--resume {cfg.resume}: not a complete lxtrain checkpoint directory")
         resume_dir, resume_tag = resume_path.parent, resume_path.name
 
-    engine, model_config, ds_config = build_engine(cfg, data, info.world_size, total_steps)
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    engine, model_config, ds_config = build_engine(cfg, data, info.world_size, total_steps, device)
     step, batches_done = 0, 0
     if resume_tag is not None:
         state = checkpoint.load(engine, resume_dir, resume_tag)
@@ -339,8 +406,13 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopReques
     flops_per_sample = training_flops_per_sample(model_config)
     peak_tflops = cfg.peak_tflops or detect_peak_tflops()
     samples_per_step = ds_config["train_batch_size"]
-    meter = TaskMeter()
-    bad_in_a_row, bad_total = 0, 0
+    meter = TaskMeter(engine.device)
+    # Where the engine skips a step with non-finite gradients itself (lxtrain.engine), a NaN loss
+    # needs no host read here: the meter counts it on the device and the log step enforces
+    # --max-bad-steps. Elsewhere every micro-batch's loss is checked on the host and a bad one
+    # is dropped before backward.
+    check_on_host = not engine_setup.skips_nonfinite_steps(ds_config)
+    bad_total = 0
     window_start, data_wait = time.monotonic(), 0.0
     window_steps = 0
     phase = ""
@@ -359,11 +431,22 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopReques
         checkpoint.save(engine, checkpoint_dir, step, state, cfg.keep_last, before_complete=kill_in_save)
         distributed.print0(f"checkpoint saved at step {step} ({reason})")
 
+    def exchanged(flag: bool, what: str) -> bool:
+        try:
+            return distributed.any_rank(flag)
+        except Exception as error:  # gloo raises when a peer process is gone
+            if not distributed.is_lost_peer_error(error):
+                raise  # e.g. this rank's data-loader worker died while we waited
+            distributed.fail_all(distributed.lost_peer_message(error, f"at step {step} ({what})"))
+            raise
+
     engine.train()
     while step < last_step:
         epoch, position = divmod(batches_done, batches_per_epoch)
         batches = iter(data.train_batches(epoch, position))
         while step < last_step and batches_done < (epoch + 1) * batches_per_epoch:
+            if batches_done % accumulation == 0:
+                hooks.step_begins(step)
             phase, task_weights = schedule.at(step)
             waited = time.monotonic()
             batch = B.to_device(next(batches), engine.device)
@@ -373,44 +456,23 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopReques
                 print(f"{FAULT_LOG_PREFIX} NaN loss at micro-batch {batches_done} at {time.time():.3f}")
                 output.total = output.total * float("nan")
             batches_done += 1
-            flags = torch.tensor(
-                [0 if bool(torch.isfinite(output.total)) else 1, 1 if stop.signal_name else 0],
-                dtype=torch.int32,
-            )
-            if dist.is_initialized():
-                try:
-                    distributed.all_reduce_(flags, op=dist.ReduceOp.MAX)
-                except Exception as error:  # gloo/nccl raise when a peer process is gone
-                    if not distributed.is_lost_peer_error(error):
-                        raise  # e.g. this rank's data-loader worker died while we waited
-                    distributed.fail_all(distributed.lost_peer_message(error, f"at step {step}"))
-            if flags[0]:
-                # A non-finite loss on any rank: every rank drops this micro-batch (no backward, no step).
-                bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
-                distributed.print0(
-                    f"warning: non-finite loss at step {step} (skipped, {bad_in_a_row} in a row)"
-                )
-                monitor.scalars("train", {"skipped_nonfinite": bad_total}, step)
-                if bad_in_a_row >= cfg.max_bad_steps:
-                    save("non-finite losses")
-                    distributed.print0(
-                        f"error: {bad_in_a_row} non-finite losses in a row at step {step}; stopped with the "
-                        f"last good weights saved in {checkpoint_dir}"
-                    )
-                    return EXIT_NONFINITE
-                continue
-            bad_in_a_row = 0
+            meter.add(output)
+            if check_on_host and exchanged(not bool(torch.isfinite(output.total)), "non-finite check"):
+                continue  # every rank drops this micro-batch: no backward, no step
             engine.backward(output.total)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
-            meter.add(output)
             if not boundary:
                 continue
             step += 1
             window_steps += 1
+            hooks.step_ends(step)
+            stop_requested = exchanged(stop.signal_name is not None, "stop flag")
 
-            if step % cfg.log_every == 0 or step == last_step:
+            if step % cfg.log_every == 0 or step == last_step or stop_requested:
                 losses, accuracies = meter.reduce()
+                nonfinite, longest_run, over_capacity = meter.health()
+                meter.reset()
                 elapsed = time.monotonic() - window_start
                 samples_per_s = window_steps * samples_per_step / elapsed
                 scalars = {
@@ -420,6 +482,7 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopReques
                     "samples_per_s": samples_per_s,
                     "data_wait_share": data_wait / elapsed,
                     "epoch": batches_done / batches_per_epoch,
+                    "mlm_over_capacity": over_capacity,
                 }
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
@@ -427,6 +490,18 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopReques
                 if peak_tflops:
                     per_device = samples_per_s * flops_per_sample / info.world_size
                     scalars["mfu"] = per_device / (peak_tflops * 1e12)
+                if nonfinite:
+                    bad_total += nonfinite
+                    scalars["skipped_nonfinite"] = bad_total
+                    distributed.print0(
+                        f"warning: {nonfinite} non-finite loss(es) by step {step} (their steps skipped; "
+                        f"longest run {longest_run})"
+                    )
+                if over_capacity:
+                    distributed.print0(
+                        f"warning: {over_capacity} masked words by step {step} exceeded the masked-LM "
+                        f"capacity and were left out; raise --mlm-capacity (now {cfg.mlm_capacity})"
+                    )
                 monitor.scalars("train/loss", losses, step)
                 monitor.scalars("train/acc", accuracies, step)
                 monitor.scalars("train", scalars, step)
@@ -435,10 +510,16 @@ def run(cfg: PretrainConfig, info: distributed.DistributedInfo, stop: StopReques
                 monitor.log_line(
                     output_dir / "train_log.jsonl", {"step": step, "phase": phase, "loss": losses}
                 )
-                meter.reset()
                 window_start, data_wait, window_steps = time.monotonic(), 0.0, 0
+                if longest_run >= cfg.max_bad_steps:
+                    save("non-finite losses")
+                    distributed.print0(
+                        f"error: {longest_run} non-finite losses in a row by step {step}; stopped with the "
+                        f"last good weights saved in {checkpoint_dir}"
+                    )
+                    return EXIT_NONFINITE
 
-            if flags[1]:
+            if stop_requested:
                 save(f"signal {stop.signal_name or 'on another rank'}")
                 if info.is_main:
                     (output_dir / REQUEUE_MARKER).write_text(f"step {step}\n")

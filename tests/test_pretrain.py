@@ -169,6 +169,8 @@ def test_nonfinite_losses_are_skipped_then_stop_with_a_checkpoint(corpus, tmp_pa
         "6",
         "--max-bad-steps",
         "1",
+        "--save-every",
+        "1",
         "--no-export",
         ranks=1,
         launcher="python",
@@ -177,8 +179,18 @@ def test_nonfinite_losses_are_skipped_then_stop_with_a_checkpoint(corpus, tmp_pa
     )
     assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
     assert "non-finite" in result.stdout
-    # Batches 0-1 and 2-... : with one rank and accumulation 2, step 1 is complete, then batch 3 is bad.
-    assert (tmp_path / "checkpoints" / "step00000001" / "COMPLETE").exists()
+    # One rank, accumulation 2: step 1 is batches 0-1, step 2 is batches 2-3 with the NaN in 3.
+    # DeepSpeed drops step 2's update (its gradients are NaN); the log step after it stops the run
+    # with a checkpoint that holds step 1's weights, the last good ones.
+    good, stopped = (tmp_path / "checkpoints" / tag for tag in ("step00000001", "step00000002"))
+    assert (good / "COMPLETE").exists() and (stopped / "COMPLETE").exists()
+    assert not (tmp_path / "checkpoints" / "step00000003").exists()
+    weights = [
+        torch.load(path / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        for path in (good, stopped)
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
 
 
 @pytest.mark.parametrize(
@@ -255,6 +267,8 @@ def test_object_word_tally_counts_all_and_matched_sentences():
         ]
     )
     matched = torch.tensor([1, 0, 1])
-    correct = torch.tensor([True, False, True, False, True])  # order of mlm_labels[mlm_labels != -100]
+    correct = torch.tensor(  # right at the first dog, the cat of row 1 and the cat of row 2
+        [[False, True, False, False], [True, False, False, False], [False, False, False, True]]
+    )
     tally = object_word_tally(mlm_labels, matched, correct, torch.tensor([dog, cat]))
     assert tally.tolist() == [[3.0, 4.0], [2.0, 3.0]]

@@ -43,7 +43,10 @@ _reported: set[str] = set()
 
 
 def _report_once(message: str, level: int = logging.WARNING) -> None:
-    # Called on every layer's forward: one line per distinct reason, not one per call.
+    # Called on every layer's forward: one line per distinct reason, not one per call. Inside a
+    # torch.compile trace a log call would break the graph; the eager first call has said it.
+    if torch.compiler.is_compiling():
+        return
     if message not in _reported:
         _reported.add(message)
         logger.log(level, message)
