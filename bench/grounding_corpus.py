@@ -75,6 +75,7 @@ def evaluate(objective: PretrainingObjective, shards: str, object_words: torch.T
     correct: dict[str, float] = {}
     counts: dict[str, float] = {}
     for batch in build_valid_loader(shards, 128, num_workers=0):
+        batch = B.to_device(batch, torch.device("cpu"))  # applies the shipped object masks
         out = objective(batch, dict.fromkeys(("mlm", "match", "qa"), 1.0))
         for task in out.counts:
             correct[task] = correct.get(task, 0.0) + float(out.correct[task])
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     while step < args.steps:
         loader.set_epoch(epoch)
         for batch in loader:
+            batch = B.to_device(batch, torch.device("cpu"))  # applies the shipped object masks
             if args.mask_all_object_words < 0 or step < args.mask_all_object_words:
                 mask_all_object_words(batch, object_words, mask_id)
             elif args.object_words_only:

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     tally = {"[MASK]": [0, 0], "kept": [0, 0], "random": [0, 0]}
     with torch.no_grad():
         for batch in build_valid_loader(args.shards, 128, num_workers=0):
+            batch = B.to_device(batch, torch.device("cpu"))  # applies the shipped object masks
             correct_at = objective(batch, {"mlm": 1.0}).row_correct["mlm"]  # (B, T)
             labels, inputs = batch[B.MLM_LABELS], batch[B.INPUT_IDS]
             selected = labels != IGNORE_INDEX

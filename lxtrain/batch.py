@@ -2,9 +2,20 @@
 
 A batch is a ``dict[str, torch.Tensor]`` with these keys (B examples, T tokens, O objects,
 D feature dimension). The loader produces it; ``lxtrain.tasks.objectives`` consumes it.
+
+The loader ships object masking unapplied: instead of ``OBJECT_FEATURES``, ``FEATURE_TARGETS``
+and ``OBJECT_MASK`` (two float32 copies of the features), a host batch carries
+``UNMASKED_FEATURES`` (one float16 copy, as stored in the shards) and the per-batch masking draws
+``OBJECT_MASK_ACTIONS`` / ``OBJECT_MASK_DONORS`` (~4x fewer bytes per batch).
+:func:`lxtrain.tasks.masking.apply_object_masks` turns them into the three keys on the training
+device; :func:`to_device` and :class:`lxtrain.data.prefetch.DevicePrefetcher` call it, so code
+after either sees the keys below.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -27,6 +38,12 @@ MATCHED_LABELS = "matched_labels"  # (B,) int64, 1 if the sentence describes the
 QA_LABELS = "qa_labels"  # (B,) int64, answer id, IGNORE_INDEX where no QA target
 SENTENCE_SOURCES = "sentence_sources"  # (B,) int64, index into SENTENCE_SOURCE_NAMES
 
+# What the loader ships instead of OBJECT_FEATURES, FEATURE_TARGETS and OBJECT_MASK.
+UNMASKED_FEATURES = "unmasked_object_features"  # (B, O, D) float16, RoI features as stored
+OBJECT_MASK_ACTIONS = "object_mask_actions"  # (B, O) int8, lxtrain.tasks.masking.OBJECT_* codes
+OBJECT_MASK_DONORS = "object_mask_donors"  # (B, O) int64, flat row * O + box index of the donor box
+OBJECT_MASKING_DRAW_KEYS = (UNMASKED_FEATURES, OBJECT_MASK_ACTIONS, OBJECT_MASK_DONORS)
+
 SENTENCE_SOURCE_NAMES = ("mscoco", "vg", "vqa", "gqa", "visual7w")
 """Sentence sources of the published pre-training JSON; captions first, then QA sources."""
 
@@ -35,9 +52,18 @@ QA_SOURCE_NAMES = ("vqa", "gqa", "visual7w")
 MODEL_INPUT_KEYS = (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS, OBJECT_FEATURES, OBJECT_BOXES)
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Move a batch's tensors to ``device`` (non-tensor entries, e.g. ids for submissions, stay)."""
+def move(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """Copy a batch's tensors to ``device`` as they are (non-tensor entries, e.g. ids, stay)."""
     return {
         key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
         for key, value in batch.items()
     }
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """Move a batch's tensors to ``device`` (non-tensor entries, e.g. ids for submissions, stay)
+    and, if it carries the loader's object-masking draws, apply them there (see the module
+    docstring), so the result always has the keys the objectives read."""
+    from lxtrain.tasks.masking import apply_object_masks  # masking imports this module's keys
+
+    return apply_object_masks(move(batch, device))

@@ -18,7 +18,7 @@ from lxtrain.data.loader import build_pretrain_loader, build_valid_loader
 from lxtrain.data.problems import DataError
 from lxtrain.data.synthetic import SyntheticConfig, World, generate
 from lxtrain.data.tokenizer import VOCAB_ENV, WordPieceEncoder, default_vocab_path
-from lxtrain.tasks.masking import IGNORE_INDEX
+from lxtrain.tasks.masking import IGNORE_INDEX, OBJECT_REPLACED
 
 WORLD = World(feature_dim=32, boxes=10, max_objects=4)
 BATCH = 16
@@ -53,6 +53,11 @@ def _epoch(loader) -> list[dict[str, torch.Tensor]]:
     return list(loader)
 
 
+def _masked(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """The batches as the objectives see them: object masking applied (on the CPU here)."""
+    return [B.to_device(batch, torch.device("cpu")) for batch in batches]
+
+
 def _ids(batches: list[dict[str, torch.Tensor]], key: str = SENTENCE_IDS) -> np.ndarray:
     return np.concatenate([b[key].numpy() for b in batches]) if batches else np.zeros(0, np.int64)
 
@@ -67,16 +72,13 @@ def _assert_same(left: list[dict], right: list[dict]) -> None:
 
 def test_batches_have_the_contract_keys_shapes_and_dtypes(corpus: Path) -> None:
     loader = _loader(corpus, with_ids=False)
-    batch = next(iter(loader))
-    expected = {
+    shipped = next(iter(loader))
+    common = {
         B.INPUT_IDS: ((BATCH, 20), torch.int64),
         B.ATTENTION_MASK: ((BATCH, 20), torch.int64),
         B.TOKEN_TYPE_IDS: ((BATCH, 20), torch.int64),
-        B.OBJECT_FEATURES: ((BATCH, WORLD.boxes, WORLD.feature_dim), torch.float32),
         B.OBJECT_BOXES: ((BATCH, WORLD.boxes, 4), torch.float32),
         B.MLM_LABELS: ((BATCH, 20), torch.int64),
-        B.FEATURE_TARGETS: ((BATCH, WORLD.boxes, WORLD.feature_dim), torch.float32),
-        B.OBJECT_MASK: ((BATCH, WORLD.boxes), torch.float32),
         B.OBJECT_LABELS: ((BATCH, WORLD.boxes), torch.int64),
         B.OBJECT_CONFIDENCES: ((BATCH, WORLD.boxes), torch.float32),
         B.ATTRIBUTE_LABELS: ((BATCH, WORLD.boxes), torch.int64),
@@ -84,6 +86,22 @@ def test_batches_have_the_contract_keys_shapes_and_dtypes(corpus: Path) -> None:
         B.MATCHED_LABELS: ((BATCH,), torch.int64),
         B.QA_LABELS: ((BATCH,), torch.int64),
         B.SENTENCE_SOURCES: ((BATCH,), torch.int64),
+    }
+    # What leaves the loader: the features once, unmasked, in float16, and the masking draws.
+    expected_shipped = common | {
+        B.UNMASKED_FEATURES: ((BATCH, WORLD.boxes, WORLD.feature_dim), torch.float16),
+        B.OBJECT_MASK_ACTIONS: ((BATCH, WORLD.boxes), torch.int8),
+        B.OBJECT_MASK_DONORS: ((BATCH, WORLD.boxes), torch.int64),
+    }
+    assert set(shipped) == set(expected_shipped)
+    for key, (shape, dtype) in expected_shipped.items():
+        assert tuple(shipped[key].shape) == shape and shipped[key].dtype == dtype, key
+    # What the objectives read, after to_device (or the device prefetcher) applied the masks.
+    batch = B.to_device(shipped, torch.device("cpu"))
+    expected = common | {
+        B.OBJECT_FEATURES: ((BATCH, WORLD.boxes, WORLD.feature_dim), torch.float32),
+        B.FEATURE_TARGETS: ((BATCH, WORLD.boxes, WORLD.feature_dim), torch.float32),
+        B.OBJECT_MASK: ((BATCH, WORLD.boxes), torch.float32),
     }
     assert set(batch) == set(expected)
     for key, (shape, dtype) in expected.items():
@@ -191,7 +209,7 @@ def test_shared_buffer_ring_gives_the_same_batches(corpus: Path) -> None:
         {k: v.clone() for k, v in b.items()} for b in _loader(corpus, in_process=False, shared_buffers=True)
     ]
     _assert_same(copies, reference)
-    assert reference[0][B.OBJECT_FEATURES].shape[0] == BATCH
+    assert reference[0][B.UNMASKED_FEATURES].shape[0] == BATCH
 
 
 def test_batches_mix_images(tmp_path: Path) -> None:
@@ -219,7 +237,7 @@ def test_batches_mix_images(tmp_path: Path) -> None:
 
 
 def test_masking_rates_and_targets(corpus: Path) -> None:
-    batches = _epoch(_loader(corpus, rank=0)) + _epoch(_loader(corpus, rank=1))
+    batches = _masked(_epoch(_loader(corpus, rank=0)) + _epoch(_loader(corpus, rank=1)))
     cat = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
     ids, attention, labels = cat[B.INPUT_IDS], cat[B.ATTENTION_MASK], cat[B.MLM_LABELS]
     eligible = (attention == 1) & (labels != 101) & (labels != 102)
@@ -264,12 +282,24 @@ def test_object_words_can_be_masked_at_their_own_rate(corpus: Path) -> None:
 
 
 def test_object_masking_donors_come_from_other_images(corpus: Path) -> None:
-    for batch in _epoch(_loader(corpus, object_mask_probability=1.0)):
+    replaced_boxes = 0
+    for shipped in _epoch(_loader(corpus, object_mask_probability=1.0)):
+        actions, donors = shipped[B.OBJECT_MASK_ACTIONS], shipped[B.OBJECT_MASK_DONORS]
+        replaced = actions == OBJECT_REPLACED
+        replaced_boxes += int(replaced.sum())
+        rows = torch.arange(BATCH)[:, None].expand_as(donors)
+        donor_rows, donor_boxes = donors // WORLD.boxes, donors % WORLD.boxes
+        image_ids = shipped[IMAGE_IDS]
+        assert (image_ids[donor_rows[replaced]] != image_ids[rows[replaced]]).all(), (
+            "a donor from the same image"
+        )
+        # And the applied batch holds exactly the donor's unmasked feature there.
+        batch = B.to_device(shipped, torch.device("cpu"))
         features, targets = batch[B.OBJECT_FEATURES], batch[B.FEATURE_TARGETS]
-        replaced = ~(features == 0).all(-1) & ~(features == targets).all(-1)
-        for row, box in zip(*torch.nonzero(replaced, as_tuple=True), strict=True):
-            own = targets[row]
-            assert not (own == features[row, box]).all(-1).any(), "donor box from the same image"
+        assert torch.equal(features[replaced], targets[donor_rows[replaced], donor_boxes[replaced]])
+        own = targets[rows[replaced]]  # (N, O, D): every box of the row's own image
+        assert not (own == features[replaced][:, None, :]).all(-1).any(), "donor feature found in own image"
+    assert replaced_boxes > 50
 
 
 def test_validation_loader_is_deterministic_and_complete(corpus: Path) -> None:

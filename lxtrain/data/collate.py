@@ -1,9 +1,10 @@
 """Turn drawn (image, sentence) picks into one collated pre-training batch (``lxtrain.batch``).
 
-Everything random for a batch (matching, QA target, word and object masks, donors) comes from
-one generator seeded by (seed, epoch, slot, batch number), so a batch is a pure function of
-the buffer state and its number: a resumed loader reproduces it without replaying the
-batches before it, and a validation pass gives the same masks every time.
+Everything random for a batch (matching, QA target, word masks, the object-masking draws and
+their donor boxes) comes from one generator seeded by (seed, epoch, slot, batch number), so a
+batch is a pure function of the buffer state and its number: a resumed loader reproduces it
+without replaying the batches before it, and a validation pass gives the same masks every time.
+Object masking is drawn here but applied on the training device (see :mod:`lxtrain.batch`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lxtrain.data.plan import SlotPlan
 from lxtrain.data.sampler import BufferedImage
 from lxtrain.data.shard_format import ImageSample
 from lxtrain.data.tokenizer import WordPieceEncoder
-from lxtrain.tasks.masking import IGNORE_INDEX, mask_objects, mask_words
+from lxtrain.tasks.masking import IGNORE_INDEX, draw_object_masks, mask_words
 
 _SOURCE_IDS = {name: i for i, name in enumerate(B.SENTENCE_SOURCE_NAMES)}
 
@@ -26,12 +27,6 @@ IMAGE_IDS = "image_ids"
 """Extra key with ``with_ids``: (B,) int64 global image id of each example (tests, debugging)."""
 SENTENCE_IDS = "sentence_ids"
 """Extra key with ``with_ids``: (B,) int64 global id of the sentence each example consumed."""
-
-DONOR_IMAGES = 2
-"""Images (outside the batch) whose boxes are the random replacements of object masking."""
-
-MASK_CHUNK_BYTES = 8 << 20
-"""Object masking works on chunks of at most this many feature bytes (see _mask_objects)."""
 
 
 @dataclass
@@ -113,39 +108,32 @@ class BatchBuilder:
             object_word_probability=self.object_word_mask_probability,
         )
 
-        # The large arrays are allocated by numpy, which asks for transparent huge pages (first
-        # touch ~5x cheaper than torch's allocator here), and converted from float16 by torch,
-        # whose cast is vectorised (numpy's is ~6x slower); from_numpy shares the memory.
+        # The features are shipped once, unmasked, in the shards' float16: object masking is only
+        # drawn here and applied on the training device (lxtrain.tasks.masking.apply_object_masks),
+        # which makes a batch ~4x smaller than two float32 copies and saves the host the upcast.
+        # numpy allocates the large array: it asks for transparent huge pages, whose first touch is
+        # ~5x cheaper than torch's allocator here; from_numpy shares the memory.
         if buffers is None:
-            target_tensor = torch.from_numpy(
-                np.empty((size, self.num_boxes, self.feature_dim), dtype=np.float32)
-            )
+            features = torch.from_numpy(np.empty((size, self.num_boxes, self.feature_dim), dtype=np.float16))
         else:
-            target_tensor = buffers[B.FEATURE_TARGETS][:size]
-        for row, image in enumerate(images):
-            target_tensor[row].copy_(torch.from_numpy(image.features))
-        targets = target_tensor.numpy()
+            features = buffers[B.UNMASKED_FEATURES][:size]
+        np.stack([image.features for image in images], out=features.numpy())
+        actions, donors = draw_object_masks(
+            [image.img_id for image in images], self.num_boxes, rng, self.object_mask_probability
+        )
         sizes = np.array([[i.img_w, i.img_h, i.img_w, i.img_h] for i in images], dtype=np.float32)
         boxes = np.stack([image.boxes for image in images]) / sizes[:, None, :]
         np.clip(boxes, 0.0, 1.0, out=boxes)
-        if buffers is None:
-            features, object_mask = self._mask_objects(targets, images, candidates, rng)
-            feature_tensor = torch.from_numpy(features)
-        else:
-            # The batch must hold the shared tensors themselves (not from_numpy views of them,
-            # which would be new, unshared storages) for the data loader to pass them by handle.
-            feature_tensor = buffers[B.OBJECT_FEATURES][:size]
-            _, object_mask = self._mask_objects(targets, images, candidates, rng, out=feature_tensor.numpy())
 
         batch = {
             B.INPUT_IDS: torch.from_numpy(input_ids),
             B.ATTENTION_MASK: torch.from_numpy(attention),
             B.TOKEN_TYPE_IDS: torch.zeros(token_ids.shape, dtype=torch.int64),
-            B.OBJECT_FEATURES: feature_tensor,
+            B.UNMASKED_FEATURES: features,
             B.OBJECT_BOXES: torch.from_numpy(boxes),
             B.MLM_LABELS: torch.from_numpy(mlm_labels),
-            B.FEATURE_TARGETS: target_tensor,
-            B.OBJECT_MASK: torch.from_numpy(object_mask),
+            B.OBJECT_MASK_ACTIONS: torch.from_numpy(actions),
+            B.OBJECT_MASK_DONORS: torch.from_numpy(donors),
             B.OBJECT_LABELS: torch.from_numpy(np.stack([i.objects_id for i in images]).astype(np.int64)),
             B.OBJECT_CONFIDENCES: torch.from_numpy(
                 np.stack([i.objects_conf for i in images]).astype(np.float32)
@@ -177,61 +165,18 @@ class BatchBuilder:
             B.TOKEN_TYPE_IDS: ((batch_size, length), torch.int64),
             B.MLM_LABELS: ((batch_size, length), torch.int64),
         }
-        spec |= {
-            key: ((batch_size, boxes, dim), torch.float32) for key in (B.OBJECT_FEATURES, B.FEATURE_TARGETS)
-        }
+        spec[B.UNMASKED_FEATURES] = ((batch_size, boxes, dim), torch.float16)
+        spec[B.OBJECT_MASK_ACTIONS] = ((batch_size, boxes), torch.int8)
         spec[B.OBJECT_BOXES] = ((batch_size, boxes, 4), torch.float32)
-        for key in (B.OBJECT_MASK, B.OBJECT_CONFIDENCES, B.ATTRIBUTE_CONFIDENCES):
+        for key in (B.OBJECT_CONFIDENCES, B.ATTRIBUTE_CONFIDENCES):
             spec[key] = ((batch_size, boxes), torch.float32)
-        for key in (B.OBJECT_LABELS, B.ATTRIBUTE_LABELS):
+        for key in (B.OBJECT_LABELS, B.ATTRIBUTE_LABELS, B.OBJECT_MASK_DONORS):
             spec[key] = ((batch_size, boxes), torch.int64)
         for key in (B.MATCHED_LABELS, B.QA_LABELS, B.SENTENCE_SOURCES):
             spec[key] = ((batch_size,), torch.int64)
         if self.with_ids:
             spec[IMAGE_IDS] = spec[SENTENCE_IDS] = ((batch_size,), torch.int64)
         return spec
-
-    def _mask_objects(
-        self,
-        targets: np.ndarray,
-        images: list[ImageSample],
-        candidates: list[BufferedImage],
-        rng: np.random.Generator,
-        out: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Object masking whose random replacements always come from another image.
-
-        The batch is masked in chunks of at most ``MASK_CHUNK_BYTES``: a chunk's temporary copy
-        stays below glibc's mmap threshold, so its memory is reused from batch to batch instead
-        of being mapped (and page-faulted) afresh, the largest system-time cost of a worker.
-        """
-        features = np.empty_like(targets) if out is None else out
-        selected = np.empty(targets.shape[:2], dtype=np.float32)
-        in_batch = {image.img_id for image in images}
-        outside = [c.data for c in candidates if c.data.img_id not in in_batch]
-        if outside:
-            chosen = rng.choice(len(outside), size=min(DONOR_IMAGES, len(outside)), replace=False)
-            donors = np.concatenate([outside[i].features for i in sorted(chosen.tolist())]).astype(np.float32)
-            step = max(1, MASK_CHUNK_BYTES // max(targets[0].nbytes, 1))
-            for start in range(0, len(targets), step):
-                rows = slice(start, start + step)
-                features[rows], selected[rows] = mask_objects(
-                    targets[rows], rng, donor_features=donors, probability=self.object_mask_probability
-                )
-            return features, selected
-        # Every buffered image is in the batch (the end of a stream): per image, donors are the
-        # other images of the batch; a batch of one image can only use its own boxes.
-        image_ids = np.array([image.img_id for image in images])
-        for img_id in dict.fromkeys(image_ids.tolist()):
-            rows = image_ids == img_id
-            donors = targets[~rows] if (~rows).any() else targets[rows]
-            features[rows], selected[rows] = mask_objects(
-                targets[rows],
-                rng,
-                donor_features=donors.reshape(-1, self.feature_dim),
-                probability=self.object_mask_probability,
-            )
-        return features, selected
 
 
 def _other_image(candidates: list[BufferedImage], start: int, img_id: str) -> ImageSample | None:

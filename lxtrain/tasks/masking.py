@@ -2,7 +2,9 @@
 
 Pure functions of their inputs and an explicit ``numpy.random.Generator``: they run inside
 data-loader workers, so the same (seed, epoch, rank, worker) always gives the same masks, and
-nothing here touches global random state.
+nothing here touches global random state. Object masking is split in two: the workers draw
+(:func:`draw_object_masks`) and :func:`apply_object_masks` applies the draws with torch on the
+training device, so the loader ships the features once, unmasked, in float16.
 
 Both functions work on whole batches (any leading shape) because per-example Python loops are
 the slowest part of a loader: one vectorised draw per batch keeps masking off the critical path.
@@ -10,9 +12,13 @@ the slowest part of a loader: one vectorised draw per batch keeps masking off th
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import torch
+
+from lxtrain import batch as B
 
 IGNORE_INDEX = -100
 """Label value for positions that carry no target (PyTorch's cross-entropy default)."""
@@ -111,3 +117,98 @@ def mask_objects(
     donors = rng.integers(0, len(donor_features), size=int(to_random.sum()))
     masked[to_random] = donor_features[donors]
     return masked, selected.astype(np.float32)
+
+
+# Object-masking actions, one per box, as the loader ships them (see draw_object_masks).
+OBJECT_UNSELECTED = 0  # not a regression target; the input keeps the feature
+OBJECT_ZEROED = 1  # selected; the input is the zero vector
+OBJECT_REPLACED = 2  # selected; the input is the (unmasked) feature of a donor box
+OBJECT_KEPT = 3  # selected; the input keeps the feature
+
+
+def draw_object_masks(
+    image_ids: Sequence[Hashable] | np.ndarray,
+    num_boxes: int,
+    rng: np.random.Generator,
+    probability: float = MASK_PROBABILITY,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The random part of object masking for one batch, without touching a feature.
+
+    The loader ships these small arrays with the unmasked features, and
+    :func:`apply_object_masks` applies them on the device: the host then builds and ships one
+    float16 copy of the features instead of two float32 ones (targets and masked input).
+
+    Every call makes the same four (B, O) draws from ``rng`` whatever the outcome, so the rest of
+    the generator's stream never depends on how many boxes were picked.
+
+    Args:
+        image_ids: (B,) identity of the image in each row (any hashable or array values); rows
+            with equal ids hold the same image.
+        num_boxes: O, boxes per image.
+        rng: the generator all draws come from.
+        probability: selection rate per box.
+
+    Returns:
+        ``(actions, donors)``: ``actions`` (B, O) int8, one of ``OBJECT_UNSELECTED``,
+        ``OBJECT_ZEROED`` (80% of the selected), ``OBJECT_REPLACED`` (10%) and ``OBJECT_KEPT``
+        (10%); ``donors`` (B, O) int64, the flat index ``row * O + box`` of the box whose unmasked
+        feature a replaced box takes, and the box's own index everywhere else (so applying the
+        draws is a plain gather, with no data-dependent shape). A donor box is drawn uniformly
+        from the rows that hold a *different* image; when no row does (every row holds the same
+        image: a batch of one example, or the end of a validation stream), it is drawn uniformly
+        from all boxes of the batch, i.e. from the image itself, as the previous host-side
+        masking did.
+    """
+    codes = np.unique(np.asarray(image_ids), return_inverse=True)[1].reshape(-1)
+    size = len(codes)
+    selected = rng.random((size, num_boxes)) < probability
+    to_zero, to_replace = _split_selected(selected, rng)
+    row_draw = rng.random((size, num_boxes))
+    box_draw = rng.integers(0, num_boxes, size=(size, num_boxes))
+
+    actions = np.where(selected, OBJECT_KEPT, OBJECT_UNSELECTED).astype(np.int8)
+    actions[to_zero] = OBJECT_ZEROED
+    actions[to_replace] = OBJECT_REPLACED
+    donors = np.arange(size * num_boxes, dtype=np.int64).reshape(size, num_boxes)
+    rows, boxes = np.nonzero(to_replace)
+    if len(rows):
+        # Candidate donor rows per row: those with another image, or every row if there is none.
+        candidates = codes[:, None] != codes[None, :]
+        candidates |= ~candidates.any(axis=1, keepdims=True)
+        counts = candidates.sum(axis=1)
+        # The k-th candidate of a row, k uniform in [0, count): the first column whose running
+        # count of candidates exceeds k.
+        k = np.minimum((row_draw[rows, boxes] * counts[rows]).astype(np.int64), counts[rows] - 1)
+        donor_rows = (np.cumsum(candidates, axis=1)[rows] <= k[:, None]).sum(axis=1)
+        donors[rows, boxes] = donor_rows * num_boxes + box_draw[rows, boxes]
+    return actions, donors
+
+
+def apply_object_masks(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn a shipped batch (unmasked float16 features + masking draws) into the objectives' keys.
+
+    Replaces ``UNMASKED_FEATURES``, ``OBJECT_MASK_ACTIONS`` and ``OBJECT_MASK_DONORS`` (see
+    :mod:`lxtrain.batch`) by ``OBJECT_FEATURES`` (float32, masked: zeroed, replaced by the donor
+    box or kept as :func:`draw_object_masks` drew them), ``FEATURE_TARGETS`` (float32, unmasked)
+    and ``OBJECT_MASK`` (float32, 1 at every selected box); other entries pass through. A batch
+    without the draws (already applied, or built by hand) is returned as a new dict, unchanged.
+
+    Runs on whatever device the tensors are on, with static shapes and without reading anything
+    back to the host (a gather and two selects), so it queues behind the copy without a sync and
+    can sit inside a compiled or graph-captured step.
+    """
+    out = {key: value for key, value in batch.items() if key not in B.OBJECT_MASKING_DRAW_KEYS}
+    if B.UNMASKED_FEATURES not in batch:
+        return out
+    features = batch[B.UNMASKED_FEATURES]
+    actions = batch[B.OBJECT_MASK_ACTIONS]
+    donors = batch[B.OBJECT_MASK_DONORS]
+    size, boxes, dim = features.shape
+    # Gather and select in float16 (half the bytes), then upcast: selections are exact in any dtype.
+    donated = features.reshape(size * boxes, dim).index_select(0, donors.reshape(-1)).view(size, boxes, dim)
+    masked = torch.where((actions == OBJECT_REPLACED).unsqueeze(-1), donated, features)
+    masked = masked.masked_fill((actions == OBJECT_ZEROED).unsqueeze(-1), 0.0)
+    out[B.OBJECT_FEATURES] = masked.float()
+    out[B.FEATURE_TARGETS] = features.float()
+    out[B.OBJECT_MASK] = (actions != OBJECT_UNSELECTED).float()
+    return out
