@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 BACKENDS = ("eager", "sdpa", "fused")
 WARM_WINDOWS = 2  # logged windows dropped when the report does not say how many steps were warm-up
-LOADER_RING_PER_WORKER = 4  # shared-memory batch buffers per loader worker: prefetch_factor 2 + 2
+LOADER_RING_PER_WORKER = 2 + 4  # at most prefetch_factor 2 + lxtrain.data.loader.RING_EXTRA_SLOTS segments
 
 
 def _memory_record() -> dict[str, float]:

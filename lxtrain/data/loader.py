@@ -31,7 +31,6 @@ import gc
 import logging
 import math
 import multiprocessing
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +43,16 @@ from lxtrain.data.collate import BatchBuilder
 from lxtrain.data.index import ShardIndex, open_index
 from lxtrain.data.plan import SlotPlan, shard_order, slot_bounds, slot_plan
 from lxtrain.data.problems import DataError
+from lxtrain.data.ring import PinnedSlots, RingBatch, RingReceiver, SharedRing, stage_batches
 from lxtrain.data.sampler import SentenceBuffer
 from lxtrain.data.shard_format import CorruptSampleError, ImageSample, decode_sample, iter_shard, sample_key
 from lxtrain.data.tokenizer import MAX_LENGTH, WordPieceEncoder
 
 log = logging.getLogger("lxtrain.data")
+
+RING_EXTRA_SLOTS = 4
+"""Ring segments per worker beyond ``prefetch_factor``: the one being built, the batch the loop
+holds, the one it just dropped (released at the next fetch) and one spare."""
 
 _STRUCTURE, _CONTENT = 0, 1  # random-stream tags: buffer bookkeeping vs per-batch content
 DAMAGED_SHARD_FIX = (
@@ -77,17 +81,19 @@ class LoaderConfig:
             (None: the word rate, as in LXMERT; see :func:`lxtrain.tasks.masking.mask_words`).
         strict: a corrupt sample stops the run instead of being skipped with a warning.
         with_ids: add ``image_ids``/``sentence_ids`` to batches (tests and debugging).
-        pin_memory: pin batches (only useful with CUDA).
+        pin_memory: with CUDA, hand out batches in pinned memory, staged by a background
+            thread into a few pinned slots allocated once and reused (see
+            :mod:`lxtrain.data.ring`), not into fresh pinned memory per batch; without CUDA it
+            does nothing.
         prefetch_factor: batches prefetched per worker.
         in_process: run the ``num_workers`` worker roles round-robin in this process instead of
             in worker processes: the same batches in the same order (tests, debugging).
-        shared_buffers: workers write batches into a ring of ``prefetch_factor + 2``
-            shared-memory batches allocated once per epoch, instead of new tensors that the data
-            loader copies into fresh shared memory per batch (~150 ms per (256, 36, 2048)
-            float32 tensor here: the largest cost of a worker). A batch's tensors are then
-            overwritten ``2 x num_workers`` batches later: safe with ``pin_memory`` (batches are
-            copied to pinned memory on arrival) or a loop that does not keep batches; None
-            (default) turns it on exactly when ``pin_memory`` is on.
+        shared_buffers: workers build batches into a ring of at most ``prefetch_factor + 4``
+            shared-memory segments per worker, allocated once per epoch, instead of new tensors
+            that the data loader copies into fresh shared memory per batch (zero-filled page by
+            page: the largest cost of a worker). A segment is reused only once no tensor of its
+            batch is alive in this process, so batches may be kept; while too many are, workers
+            build in fresh memory. None (default) and True: on with worker processes.
     """
 
     batch_size: int
@@ -202,6 +208,9 @@ class PretrainStream(IterableDataset):
         self.counter = counter
         self.epoch = 0
         self.skip = 0  # batches of this rank's epoch already consumed
+        # (workers, slots) int32 flags of the workers' shared rings (lxtrain.data.ring), made by
+        # PretrainLoader before it forks the workers, which inherit them; None: no ring.
+        self.ring_flags: torch.Tensor | None = None
         self.encoder = WordPieceEncoder(config.tokenizer, config.max_length)  # fails early if missing
 
     @property
@@ -271,7 +280,7 @@ class PretrainStream(IterableDataset):
             config.object_word_mask_probability,
         )
         self._worker_setup()
-        ring = self._ring()
+        ring = self._ring(builder)
         for number in range(done, total):
             picks, candidates = buffer.take(config.batch_size, source.get)
             if not picks:
@@ -279,13 +288,12 @@ class PretrainStream(IterableDataset):
                     return  # validation: corrupt samples only make the pass shorter
                 raise DataError(f"rank {self.rank} worker {role}: no readable image left in its shards")
             rng = np.random.default_rng([config.seed, self.epoch, slot, _CONTENT, number])
-            buffers = None
-            if ring is not None:
-                if ring[number % len(ring)] is None:
-                    spec = builder.batch_spec(config.batch_size)
-                    ring[number % len(ring)] = {key: _shared_tensor(*spec[key]) for key in spec}
-                buffers = ring[number % len(ring)]
-            yield builder.build(picks, candidates, plan, rng, buffers)
+            acquired = ring.acquire() if ring is not None else None
+            if acquired is None:  # no ring, or every segment still holds a batch in use
+                yield builder.build(picks, candidates, plan, rng)
+                continue
+            index, buffers = acquired
+            yield ring.pack(index, builder.build(picks, candidates, plan, rng, buffers))
 
     def _worker_setup(self) -> None:
         if get_worker_info() is not None:
@@ -294,28 +302,13 @@ class PretrainStream(IterableDataset):
             # few thousand allocations, ~5% of a worker's time otherwise.
             gc.freeze()
 
-    def _ring(self) -> list | None:
-        """The shared-buffer ring of this worker process, or None (see LoaderConfig)."""
-        config = self.config
-        wanted = config.pin_memory if config.shared_buffers is None else config.shared_buffers
-        if not wanted or get_worker_info() is None:
+    def _ring(self, builder: BatchBuilder) -> SharedRing | None:
+        """The shared-memory ring of this worker process, or None (see LoaderConfig)."""
+        info = get_worker_info()
+        if self.ring_flags is None or info is None:
             return None  # no worker process: nothing crosses a process boundary
-        return [None] * (config.prefetch_factor + 2)
-
-
-def _shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor in shared memory.
-
-    ``UntypedStorage._new_shared`` (what torch.multiprocessing uses) allocates the shared
-    segment directly, about twice as fast as ``torch.empty(...).share_memory_()``, which first
-    allocates private memory and then copies it.
-    """
-    count = math.prod(shape)
-    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
-    if new_shared is None:
-        return torch.empty(shape, dtype=dtype).share_memory_()
-    storage = new_shared(count * torch.empty((), dtype=dtype).element_size())
-    return torch.empty(0, dtype=dtype).set_(storage, 0, (count,)).view(shape)
+        flags = self.ring_flags.numpy()[info.id]
+        return SharedRing(flags, info.id, builder.batch_spec(self.config.batch_size))
 
 
 def _placeholder(position: int) -> bool:
@@ -399,31 +392,34 @@ class PretrainLoader:
         for batch in self._batches():
             self.batches_consumed += 1
             yield batch
+            del batch  # not kept across the next fetch: its ring segment can be released then
         if self.config.drop_last and self.batches_consumed != total:
             raise DataError(f"rank {self.dataset.rank}: got {self.batches_consumed} batches, planned {total}")
         self._advance()
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        batches = self._host_batches()  # forks any workers now, from this (the caller's) thread
+        if self.config.pin_memory and torch.cuda.is_available():
+            # Pinned copies from a few slots allocated once, staged on a thread (DataLoader's own
+            # pin_memory allocates pinned memory per batch, a device-wide synchronisation).
+            batches = stage_batches(batches, PinnedSlots(pin=True))
+        yield from batches
+
+    def _host_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         config = self.config
         if config.in_process and config.num_workers > 1:
-            # PyTorch's polling order: role (i + skip) % W is polled i-th, round-robin, and an
-            # exhausted worker drops out of the cycle.
-            skip, workers = self.dataset.skip, config.workers
-            streams = [self.dataset.iter_role((i + skip) % workers) for i in range(workers)]
-            while streams:
-                for stream in list(streams):
-                    batch = next(stream, None)
-                    if batch is None:
-                        streams.remove(stream)
-                    else:
-                        yield batch
-            return
+            return self._round_robin()
         workers = 0 if config.in_process else config.num_workers
+        receiver = None
+        if workers and config.shared_buffers is not False:
+            # Fresh flags per pass: the workers forked for it start with empty rings.
+            flags = torch.zeros((workers, config.prefetch_factor + RING_EXTRA_SLOTS), dtype=torch.int32)
+            self.dataset.ring_flags = flags.share_memory_()
+            receiver = RingReceiver(self.dataset.ring_flags.numpy())
         loader = DataLoader(
             self.dataset,
             batch_size=None,
             num_workers=workers,
-            pin_memory=config.pin_memory,
             prefetch_factor=config.prefetch_factor if workers else None,
             multiprocessing_context="fork" if workers else None,
             # Workers seed themselves from (seed, epoch, rank, worker); a private generator keeps
@@ -431,22 +427,45 @@ class PretrainLoader:
             # must continue exactly after a resume.
             generator=torch.Generator(),
         )
-        shared = config.pin_memory if config.shared_buffers is None else config.shared_buffers
-        # Holding the ring's recent batches keeps their shared segments mapped in this process:
-        # torch then recognises each arriving buffer and reuses the mapping instead of mapping
-        # (and page-faulting) it afresh for every batch. It costs no memory: the ring exists anyway.
-        recent: deque = deque(maxlen=(config.prefetch_factor + 2) * workers if shared and workers else 0)
         try:
-            for batch in loader:
-                recent.append(batch)
-                yield batch
-        except DataError as error:
-            raise DataError(_worker_error_message(error)) from None
+            # Forking from the thread that owns the process (not a staging thread) keeps the
+            # workers clear of locks another thread might hold at the fork.
+            iterator = iter(loader)
+        finally:
+            self.dataset.ring_flags = None  # the forked workers have their copy
+        return _received(iterator, receiver)
+
+    def _round_robin(self) -> Iterator[dict[str, torch.Tensor]]:
+        # PyTorch's polling order: role (i + skip) % W is polled i-th, round-robin, and an
+        # exhausted worker drops out of the cycle.
+        skip, workers = self.dataset.skip, self.config.workers
+        streams = [self.dataset.iter_role((i + skip) % workers) for i in range(workers)]
+        while streams:
+            for stream in list(streams):
+                batch = next(stream, None)
+                if batch is None:
+                    streams.remove(stream)
+                else:
+                    yield batch
 
     def _advance(self) -> None:
         self.batches_consumed = 0
         if not self.fixed_epoch:
             self.epoch += 1
+
+
+def _received(iterator: Iterator, receiver: RingReceiver | None) -> Iterator[dict[str, torch.Tensor]]:
+    """The data loader's batches as dicts: ring segments unpacked, and released once dropped."""
+    try:
+        for item in iterator:
+            if receiver is not None:
+                receiver.release_unused()  # the batches dropped since the last fetch
+                if isinstance(item, RingBatch):
+                    item = receiver.unpack(item)
+            yield item
+            del item
+    except DataError as error:
+        raise DataError(_worker_error_message(error)) from None
 
 
 def _worker_error_message(error: DataError) -> str:
