@@ -31,6 +31,8 @@ from safetensors.torch import load_file, save_file
 from lxtrain.model.config import LxmertConfig
 
 FORMATS = ("hf", "original", "lxtrain")
+# The released model_LXRT.pth was saved from torch.nn.DataParallel: every key carries this prefix.
+DATA_PARALLEL_PREFIX = "module."
 LXTRAIN_CONFIG = "lxtrain_config.json"
 WEIGHTS = "model.safetensors"
 StateDict = dict[str, torch.Tensor]
@@ -319,9 +321,9 @@ def read_original(path: str | Path, num_attention_heads: int = 12) -> tuple[Stat
         raise CheckpointError(f"{path}: expected a state dict, found {type(raw).__name__}")
     # DataParallel saves every key with "module."; the original loader silently loaded nothing
     # when the prefix did not match. Here the prefix is stripped when all keys carry it.
-    prefixed = sorted(key for key in raw if key.startswith("module."))
+    prefixed = sorted(key for key in raw if key.startswith(DATA_PARALLEL_PREFIX))
     if raw and len(prefixed) == len(raw):
-        raw = {key[len("module.") :]: tensor for key, tensor in raw.items()}
+        raw = {key[len(DATA_PARALLEL_PREFIX) :]: tensor for key, tensor in raw.items()}
     elif prefixed:
         raise CheckpointError(
             f"{path}: {len(prefixed)} of {len(raw)} keys carry the DataParallel 'module.' prefix "
@@ -336,11 +338,17 @@ def read_original(path: str | Path, num_attention_heads: int = 12) -> tuple[Stat
 
 
 def write_original(state: StateDict, config: LxmertConfig, path: str | Path) -> None:
+    """A ``model_LXRT.pth`` keyed as the released one: every key under DataParallel's ``module.``.
+
+    The release's pre-training ``--loadLxmert`` keeps only ``module.``-prefixed keys (it loads
+    nothing, silently, from a file without them); its fine-tuning loaders strip the prefix when
+    present, so this one layout serves both.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     weights = rename(state, key_map(config, "bert."), "lxtrain state dict")
     weights[TIED_DECODER] = weights["bert.embeddings.word_embeddings.weight"]
-    torch.save(weights, path)
+    torch.save({DATA_PARALLEL_PREFIX + key: tensor for key, tensor in weights.items()}, path)
 
 
 def read_lxtrain(directory: str | Path) -> tuple[StateDict, LxmertConfig]:
