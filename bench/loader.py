@@ -5,11 +5,15 @@
 
 Prints:
   * conversion: images/s of ``make_shards`` (TSV + JSON -> shards) with ``--workers`` processes;
-  * loader: examples/s from shards to collated batches (B x 36 x 2048 features, masking,
-    tokenisation) per core, i.e. examples per CPU-second of the processes doing the work,
-    which stays meaningful on a shared, loaded machine; wall-clock rates are printed too;
-    in-process (one core) and through a PyTorch DataLoader with ``--workers`` workers, with and
-    without the shared-buffer ring (``LoaderConfig.shared_buffers``);
+  * loader: examples/s from shards to collated batches (B x 36 x 2048 features, masking draws,
+    tokenisation) per core, i.e. examples per CPU-second of the processes doing the work (this
+    process and its data-loader workers, read from the live processes between the first and the
+    last batch measured, so worker start-up and shutdown are left out), which stays meaningful
+    on a shared, loaded machine; wall-clock rates are printed too; in-process (one core) and
+    through a PyTorch DataLoader with ``--workers`` workers, with the shared-memory ring (the
+    default) and without it (``shared_buffers=False``);
+  * bytes per batch leaving the loader (what crosses to the training device), and what the
+    objectives read once object masking has been applied there;
   * peak RSS per rank (the rank process plus its data-loader workers) for one epoch over the
     data at 1x and ``--scale`` x, and their ratio (flat = memory bounded by the buffer).
 
@@ -39,10 +43,34 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def _tree_cpu_seconds() -> float:
+    """CPU time so far of this process and of its live children (the data-loader workers).
+
+    Read from the live processes, so a difference of two readings covers exactly the interval
+    between them: RUSAGE_CHILDREN only counts children once they are reaped, i.e. their whole
+    life, start-up (buffer fill) and the batches prefetched before shutdown included.
+    """
+    import psutil
+
+    total = 0.0
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def _bytes(batch: dict) -> int:
+    return sum(value.nbytes for value in batch.values() if hasattr(value, "nbytes"))
+
+
 def child_epoch(args: argparse.Namespace) -> None:
     """Run one epoch in this (child) process and print a JSON line of measurements."""
     import torch
 
+    from lxtrain.batch import to_device
     from lxtrain.data.loader import build_pretrain_loader
 
     torch.set_num_threads(1)  # what a data-loader worker runs with
@@ -51,12 +79,13 @@ def child_epoch(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         buffer_images=args.buffer_images,
-        shared_buffers=args.shared_buffers,
+        shared_buffers={"default": None, "on": True, "off": False}[args.ring],
         seed=0,
     )
     examples = 0
     first_batch_at = None
-    started_wall, started_cpu = time.perf_counter(), _cpu_seconds()
+    shipped_bytes = device_bytes = 0
+    started_wall = time.perf_counter()
     iterator = iter(loader)
     for number, batch in enumerate(iterator):
         if number == args.max_batches:
@@ -65,11 +94,14 @@ def child_epoch(args: argparse.Namespace) -> None:
             # Start the clocks after the first batch: worker start-up and buffer fill are
             # one-off costs per epoch, reported separately.
             first_batch_at = time.perf_counter() - started_wall
-            started_wall, started_cpu = time.perf_counter(), _cpu_seconds()
+            shipped_bytes = _bytes(batch)
+            device_bytes = _bytes(to_device(batch, torch.device("cpu")))  # masks applied
+            started_wall, started_cpu = time.perf_counter(), _tree_cpu_seconds()
             continue
         examples += len(batch["input_ids"])
-    del iterator  # joins the workers, so their CPU time shows up in RUSAGE_CHILDREN
-    wall, cpu = time.perf_counter() - started_wall, _cpu_seconds() - started_cpu
+    wall = time.perf_counter() - started_wall
+    cpu = _tree_cpu_seconds() - started_cpu if first_batch_at is not None else 0.0
+    del iterator  # joins the workers
     print(
         json.dumps(
             {
@@ -78,6 +110,8 @@ def child_epoch(args: argparse.Namespace) -> None:
                 "cpu_s": cpu,
                 "first_batch_s": first_batch_at,
                 "batches": len(loader),
+                "shipped_bytes": shipped_bytes,
+                "device_bytes": device_bytes,
                 "maxrss_self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
         )
@@ -88,7 +122,7 @@ def _run_child(
     shards: Path,
     args: argparse.Namespace,
     num_workers: int,
-    shared: bool,
+    ring: str,
     batch: int,
     buffer: int,
     max_batches: int = -1,
@@ -98,8 +132,7 @@ def _run_child(
 
     command = [sys.executable, __file__, "--child", str(shards), "--num-workers", str(num_workers)]
     command += ["--batch-size", str(batch), "--buffer-images", str(buffer), "--max-batches", str(max_batches)]
-    if shared:
-        command.append("--shared-buffers")
+    command += ["--ring", ring]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     peak = 0
     tree = psutil.Process(process.pid)
@@ -184,7 +217,7 @@ def main() -> None:
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--num-workers", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--buffer-images", type=int, default=1024, help=argparse.SUPPRESS)
-    parser.add_argument("--shared-buffers", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ring", choices=("default", "on", "off"), default="default", help=argparse.SUPPRESS)
     parser.add_argument("--max-batches", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -210,20 +243,29 @@ def main() -> None:
         seconds += _generate(large, args.images * args.scale, args, direct=True)
         print(f"synthetic corpora (1x = {args.images} images, {args.scale}x) generated in {seconds:.0f} s")
 
-        runs = [("in-process, 1 core", 0, False), (f"{args.workers} workers", args.workers, False)]
-        runs.append((f"{args.workers} workers + shared buffers", args.workers, True))
-        for label, workers, shared in runs:
+        runs = [
+            ("in-process, 1 core", 0, "default"),
+            (f"{args.workers} workers (default: shared-memory ring)", args.workers, "default"),
+            (f"{args.workers} workers, shared_buffers=False", args.workers, "off"),
+        ]
+        for label, workers, ring in runs:
             # The larger corpus, so that the 1,024-image buffers fill and the run is long enough
             # to amortise worker start-up; stopped after --throughput-batches batches.
             result = _run_child(
                 large / "shards" / "train",
                 args,
                 workers,
-                shared,
+                ring,
                 args.batch_size,
                 1024,
                 args.throughput_batches,
             )
+            if workers == 0:
+                print(
+                    f"bytes per batch of {args.batch_size} leaving the loader: "
+                    f"{result['shipped_bytes'] / 2**20:.1f} MiB; read by the objectives once the "
+                    f"object masks are applied on the device: {result['device_bytes'] / 2**20:.1f} MiB"
+                )
             print(
                 f"loader {label}: {result['examples'] / result['cpu_s']:.0f} examples/s per core, "
                 f"{result['examples'] / result['wall_s']:.0f} examples/s wall (batch {args.batch_size}, "
@@ -236,7 +278,7 @@ def main() -> None:
                 corpus / "shards" / "train",
                 args,
                 args.workers,
-                False,
+                "default",
                 args.rss_batch_size,
                 args.rss_buffer_images,
             )
