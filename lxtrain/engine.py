@@ -80,8 +80,13 @@ def prepare_deepspeed_config(
     total_steps: int,
     warmup_fraction: float,
     cuda_available: bool | None = None,
+    num_parameters: int | None = None,
 ) -> dict[str, Any]:
-    """Load, check and complete a DeepSpeed JSON for this run (nothing is computed before this passes)."""
+    """Load, check and complete a DeepSpeed JSON for this run (nothing is computed before this passes).
+
+    ``num_parameters`` (the model's trainable parameter count, when known) sizes the ZeRO-1/2
+    reduction buckets on several ranks; see ``complete_engine_settings``.
+    """
     source = str(path)
     config = copy.deepcopy(load_deepspeed_config(path))
     resolve_batch_sizes(config, world_size, source)
@@ -120,8 +125,115 @@ def prepare_deepspeed_config(
             raise ConfigError(f'{source}: scheduler.params {left} are "auto" but lxtrain cannot derive them')
     # lxtrain prints its own progress line; DeepSpeed's per-step prints would interleave with it.
     config.setdefault("steps_per_print", 10**9)
-    config.setdefault("wall_clock_breakdown", False)
+    complete_engine_settings(config, world_size=world_size, num_parameters=num_parameters)
     return config
+
+
+# Elements per ZeRO-1/2 gradient-reduction bucket on several ranks when the model size is not
+# known: about a quarter of LXMERT-base (228M), so reductions start during backward.
+DEFAULT_REDUCE_BUCKET_ELEMENTS = 50_000_000
+# Reduction buckets per model when its size is known (a few: overlap without many tiny collectives).
+REDUCE_BUCKETS_PER_MODEL = 4
+
+
+def reduce_bucket_elements(world_size: int, num_parameters: int | None) -> int | None:
+    """The ``reduce_bucket_size`` lxtrain fills in, or None to keep DeepSpeed's (5e8 elements).
+
+    One rank has nothing to overlap: one bucket (DeepSpeed's default, larger than every lxtrain
+    model) is the fewest collectives and Python passes. Several ranks: a few buckets per model,
+    so the first reductions run while backward is still computing the earlier layers.
+    """
+    if world_size <= 1:
+        return None
+    if num_parameters is None:
+        return DEFAULT_REDUCE_BUCKET_ELEMENTS
+    # Rounded up to a multiple of 2**20 (alignment for the NCCL partition offsets, and a bucket
+    # never smaller than 1M elements, where per-collective latency would dominate).
+    per_bucket = math.ceil(num_parameters / REDUCE_BUCKETS_PER_MODEL)
+    return max(1, math.ceil(per_bucket / 2**20)) * 2**20
+
+
+def complete_engine_settings(
+    config: dict[str, Any], *, world_size: int, num_parameters: int | None = None
+) -> None:
+    """Fill the per-step-overhead settings this project chose (docs/engine.md) where the JSON is silent.
+
+    Every value is a ``setdefault``: a key the user wrote wins.
+    """
+    config.setdefault("wall_clock_breakdown", False)
+    # DeepSpeed's throughput timer is on and device-synchronising by default (two
+    # accelerator.synchronize() per step, in the forward pre-hook and in engine.step()), and
+    # ``wall_clock_breakdown: false`` does not turn it off. lxtrain measures samples/s itself.
+    throughput = config.setdefault("timers", {}).setdefault("throughput", {})
+    throughput.setdefault("enabled", False)
+
+    zero = config.get("zero_optimization")
+    stage = zero.get("stage", 0) if zero else 0
+    if stage in (1, 2):
+        # overlap_comm reduces on a side stream during backward. It costs a device-wide
+        # synchronize() after every backward (stage_1_and_2.py independent_gradient_partition_epilogue),
+        # which one rank pays for nothing: it has nothing to reduce.
+        overlap = zero.setdefault("overlap_comm", world_size > 1)
+        # contiguous_gradients copies each gradient into the reduction bucket as it arrives and
+        # again into the rank's partition (measured on one rank: a third of the aten ops DeepSpeed
+        # itself issues per step, bench/engine_overhead.py). Overlapping needs it: without it every bucket's reduction under overlap_comm starts
+        # with a device-wide synchronize() (stage_1_and_2.py allreduce_and_copy).
+        zero.setdefault("contiguous_gradients", bool(overlap))
+        bucket = reduce_bucket_elements(world_size, num_parameters)
+        if bucket is not None:
+            zero.setdefault("reduce_bucket_size", bucket)
+        # allgather_bucket_size (the updated partitions gathered after the optimiser step) stays
+        # DeepSpeed's 5e8: that gather overlaps nothing, so fewer, larger collectives are best.
+    bf16 = _bf16_section(config)
+    if bf16 is not None and bf16.get("enabled", False):
+        # ZeRO-1/2 in bf16 skip a step with a non-finite gradient only while this is true
+        # (stage_1_and_2.py step(): ``(dtype != bf16 or check_grad_overflow) and
+        # is_invalid_grad_norm``), and lxtrain relies on that skip. DeepSpeed 0.19.8 defaults it to
+        # true; pinned so that the skip does not hang on an installed release's default.
+        bf16.setdefault("check_grad_overflow", True)
+
+
+def _bf16_section(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The bf16 section as DeepSpeed reads it: ``bf16``, else the older spelling ``bfloat16``."""
+    section = config.get("bf16", config.get("bfloat16"))
+    return section if isinstance(section, dict) else None
+
+
+def skips_nonfinite_steps(config: dict[str, Any]) -> bool:
+    """Whether DeepSpeed 0.19.8, given this completed config, skips an optimiser step whose
+    gradients hold a NaN or an infinity (parameters, optimiser state and LR schedule unchanged,
+    ``engine.skipped_steps`` + 1).
+
+    Where it does, a NaN loss needs no host read of lxtrain's own between forward and backward:
+    its gradients are NaN and DeepSpeed drops the update. The table with the deciding source
+    lines, each seen on CPU with a NaN gradient, is in docs/engine.md.
+    """
+    zero = config.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    bf16 = _bf16_section(config) or {}
+    mode = precision(config)
+    if mode == "fp32" and bf16.get("enabled", False):
+        mode = "bf16"  # spelled "bfloat16"
+    if mode == "fp16":
+        # Loss scaling: every fp16 optimiser checks for overflow (engine.py forces
+        # check_grad_overflow=True for fp16).
+        return True
+    if stage == 3:
+        # stage3.py step(): an invalid global norm always sets overflow, whatever the dtype.
+        return True
+    if stage == 0:
+        # fp32: the bare optimiser has no ``overflow`` flag, so engine._take_model_step never
+        # skips. bf16: FP16_Optimizer (DDP_BFLOAT16) checks every gradient and the norm.
+        return mode == "bf16"
+    if mode == "bf16":
+        accumulation_dtype = str((config.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
+        offload = (zero.get("offload_optimizer") or {}).get("device") == "cpu"
+        if stage == 1 and accumulation_dtype in ("fp32", "float32", "float", "torch.float32") and not offload:
+            # DeepSpeed picks BF16_Optimizer here, which skips on an invalid norm unconditionally.
+            return True
+        return bool(bf16.get("check_grad_overflow", True))
+    # fp32 ZeRO-1/2: the invalid-norm test runs (dtype != bf16) when the norm is computed at all.
+    return bool(zero.get("compute_grad_norm", True))
 
 
 def initialize(model: torch.nn.Module, config: dict[str, Any]):
