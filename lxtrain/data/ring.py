@@ -215,22 +215,29 @@ class PinnedSlots:
         return index, {key: staged.get(key, value) for key, value in batch.items()}
 
     def _take(self, nbytes: int) -> tuple[int, Any]:
+        """A slot for ``nbytes`` and the event to wait for first (None: a new slot). Only the
+        staging thread calls this; the lock guards the states against :meth:`fence`."""
         with self._lock:
             for index, storage in enumerate(self.storages):
                 if self.state[index] == "fenced" and storage.nbytes() >= nbytes and _unreferenced(storage):
                     self.state[index] = "busy"
                     return index, self.events[index]
-            flat = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin)
+        # Allocated outside the lock: pinning memory takes long (and synchronises the device),
+        # and the consumer's fence() must not wait for it.
+        flat = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin)
+        with self._lock:
             self.storages.append(flat.untyped_storage())
             self.state.append("busy")
             self.events.append(None)
-            if len(self.storages) == self.GROWTH_WARNING:
-                log.warning(
-                    "%d staging slots: the training loop keeps many host batches alive, each holding "
-                    "a slot; copy them to the device and drop them so that slots are reused",
-                    len(self.storages),
-                )
-            return len(self.storages) - 1, None
+            index = len(self.storages) - 1
+        del flat  # the storage list holds the only reference
+        if index + 1 == self.GROWTH_WARNING:
+            log.warning(
+                "%d staging slots: the training loop keeps many host batches alive, each holding "
+                "a slot; copy them to the device and drop them so that slots are reused",
+                index + 1,
+            )
+        return index, None
 
     def hand_out(self, index: int) -> None:
         """The consumer received the batch of slot ``index``."""
