@@ -4,16 +4,16 @@
 
 Both models get the same config, weights, batch and torch thread count, in one process, in train
 mode (dropout on), with every pre-training task active: lxtrain through
-``lxtrain.tasks.objectives.pretraining_objectives`` (HF's 6.67 visual normaliser, so the two
+``lxtrain.tasks.objectives.PretrainingObjective``, eager and compiled (HF's 6.67 visual normaliser, so the two
 losses are the same number), HF through its own ``loss`` with all labels. A step is
 zero_grad + forward + loss + backward (no optimizer: it is the same for both). Steps of the two
-models alternate so that machine noise hits both alike; the median step time is reported.
+models alternate so that machine noise hits both alike; total samples over total time of the timed
+steps is reported (after one warm-up step each, which for the compiled variant includes compiling).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
@@ -25,7 +25,7 @@ from lxtrain import convert
 from lxtrain.model.config import LxmertConfig
 from lxtrain.model.lxmert import LxmertForPretraining
 from lxtrain.tasks.masking import IGNORE_INDEX, mask_objects, mask_words
-from lxtrain.tasks.objectives import HF_VISUAL_LOSS_NORMALIZER, TASKS, pretraining_objectives
+from lxtrain.tasks.objectives import HF_VISUAL_LOSS_NORMALIZER, TASKS, PretrainingObjective
 
 SEQ_LEN, NUM_OBJECTS = 20, 36  # LXMERT pre-training shapes (SPEC 2)
 CLS, SEP, MASK = 101, 102, 103
@@ -79,9 +79,14 @@ def build_models(config: LxmertConfig, seed: int = 0):
     return hf.train(), model.train()
 
 
-def step_functions(config, hf, model, batch) -> dict[str, Callable[[], float]]:
-    """name -> one zero_grad + forward + loss + backward, returning the loss."""
+def step_functions(config, hf, model, batch, compile_mode: str = "off") -> dict[str, Callable[[], float]]:
+    """name -> one zero_grad + forward + loss + backward, returning the loss.
+
+    lxtrain runs through ``PretrainingObjective`` (what the engine wraps); with ``compile_mode``
+    other than ``off`` a third entry runs the same objective as one ``torch.compile`` graph.
+    """
     weights = dict.fromkeys(TASKS, 1.0)
+    eager = PretrainingObjective(model, HF_VISUAL_LOSS_NORMALIZER).train()
     hf_inputs = {
         "input_ids": batch[B.INPUT_IDS],
         "visual_feats": batch[B.OBJECT_FEATURES],
@@ -98,13 +103,14 @@ def step_functions(config, hf, model, batch) -> dict[str, Callable[[], float]]:
         },
     }
 
-    def lxtrain_step() -> float:
-        model.zero_grad(set_to_none=True)
-        loss = pretraining_objectives(
-            model, batch, weights, visual_loss_normalizer=HF_VISUAL_LOSS_NORMALIZER
-        ).total
-        loss.backward()
-        return loss.item()
+    def objective_step(objective: PretrainingObjective) -> Callable[[], float]:
+        def step() -> float:
+            model.zero_grad(set_to_none=True)
+            loss = objective(batch, weights).total
+            loss.backward()
+            return loss.item()
+
+        return step
 
     def hf_step() -> float:
         hf.zero_grad(set_to_none=True)
@@ -112,7 +118,11 @@ def step_functions(config, hf, model, batch) -> dict[str, Callable[[], float]]:
         loss.backward()
         return loss.item()
 
-    return {"lxtrain": lxtrain_step, "hf": hf_step}
+    steps = {"lxtrain": objective_step(eager), "hf": hf_step}
+    if compile_mode != "off":
+        compiled = PretrainingObjective(model, HF_VISUAL_LOSS_NORMALIZER, compile_mode=compile_mode).train()
+        steps["lxtrain_compiled"] = objective_step(compiled)
+    return steps
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -124,17 +134,29 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model (after 1 warm-up each)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads for both models")
     parser.add_argument("--count-flops", action="store_true", help="also count FLOPs of one step of each")
+    parser.add_argument(
+        "--compile",
+        choices=("off", "default"),
+        default="default",
+        help="also time lxtrain compiled (default)",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     config = LxmertConfig() if args.size == "base" else LxmertConfig.tiny()
     hf, model = build_models(config)
     batch = synthetic_batch(config, args.batch)
-    steps = step_functions(config, hf, model, batch)
+    steps = step_functions(config, hf, model, batch, args.compile)
 
-    # Warm-up (allocator, first-call dispatch), then alternate so both see the same machine state.
-    # Dropout masks differ between the models, so the losses are only expected to be close.
-    warm = {name: step() for name, step in steps.items()}
+    # Warm-up (allocator, first-call dispatch, compilation), then alternate so all see the same
+    # machine state. Dropout masks differ between the models, so losses are only expected to be close.
+    warm, compile_seconds = {}, {}
+    for name, step in steps.items():
+        started = time.perf_counter()
+        warm[name] = step()
+        compile_seconds[name] = time.perf_counter() - started
+    if "lxtrain_compiled" in steps:
+        print(f"first compiled step (compilation included): {compile_seconds['lxtrain_compiled']:.1f} s")
     wall: dict[str, list[float]] = {name: [] for name in steps}
     cpu: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.steps):
@@ -150,12 +172,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     result = {}
     for name in steps:
-        median_wall, median_cpu = statistics.median(wall[name]), statistics.median(cpu[name])
-        result[name] = args.batch / median_wall
-        result[f"{name}_cpu"] = args.batch / median_cpu
+        # Totals over all timed steps after warm-up: a slow step counts as much as a fast one.
+        total_wall, total_cpu = sum(wall[name]), sum(cpu[name])
+        result[name] = args.batch * args.steps / total_wall
+        result[f"{name}_cpu"] = args.batch * args.steps / total_cpu
         print(
-            f"{name:8s} median step {median_wall:7.3f} s wall  {result[name]:8.2f} samples/s  "
-            f"| {median_cpu:7.3f} s CPU  {result[f'{name}_cpu']:8.2f} samples/CPU-s  "
+            f"{name:16s} {total_wall / args.steps:7.3f} s/step wall  {result[name]:8.2f} samples/s  "
+            f"| {total_cpu / args.steps:7.3f} s/step CPU  {result[f'{name}_cpu']:8.2f} samples/CPU-s  "
             f"(wall steps {', '.join(f'{t:.2f}' for t in wall[name])}; warm-up loss {warm[name]:.4f})"
         )
     if args.count_flops:
@@ -169,10 +192,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             print(f"{name:8s} {result[f'{name}_gflop']:9.1f} GFLOP per step (matmul-class ops)")
     # On a shared machine wall time also measures the neighbours; CPU time of this process is the
     # steadier comparison of work done, so both ratios are printed.
-    result["cpu_ratio"] = result["lxtrain_cpu"] / result["hf_cpu"]
-    print(f"lxtrain / hf throughput ratio (CPU time): {result['cpu_ratio']:.3f}")
-    result["ratio"] = result["lxtrain"] / result["hf"]
-    print(f"lxtrain / hf throughput ratio (wall): {result['ratio']:.3f}")
+    for name, suffix in (("lxtrain", ""), ("lxtrain_compiled", "_compiled")):
+        if name in steps:
+            result[f"cpu_ratio{suffix}"] = result[f"{name}_cpu"] / result["hf_cpu"]
+            result[f"ratio{suffix}"] = result[name] / result["hf"]
+            print(
+                f"{name} / hf throughput ratio: {result[f'cpu_ratio{suffix}']:.3f} (CPU time), "
+                f"{result[f'ratio{suffix}']:.3f} (wall)"
+            )
     return result
 
 

@@ -33,6 +33,7 @@ from lxtrain import checkpoint, compiling, distributed  # noqa: E402
 from lxtrain import engine as engine_setup
 from lxtrain.config import PretrainConfig, parse_args  # noqa: E402
 from lxtrain.data.loader import build_pretrain_loader, build_valid_loader  # noqa: E402
+from lxtrain.data.prefetch import DevicePrefetcher  # noqa: E402
 from lxtrain.data.tokenizer import WordPieceEncoder  # noqa: E402
 from lxtrain.model import LxmertForPretraining  # noqa: E402
 from lxtrain.model.inspection import capture_cross_attention, language_to_vision_attention  # noqa: E402
@@ -205,11 +206,14 @@ class TaskMeter:
 def build_engine(cfg: PretrainConfig, data: PretrainData, world_size: int, total_steps: int, device):
     index = data.train.index
     model_config = cfg.model_config(feature_dim=index.feature_dim, num_answers=len(index.answers))
+    with torch.device("meta"):  # the parameter count sizes DeepSpeed's buckets; no memory, no init
+        num_parameters = LxmertForPretraining(model_config).num_parameters()
     ds_config = engine_setup.prepare_deepspeed_config(
         cfg.deepspeed_config,
         world_size=world_size,
         total_steps=total_steps,
         warmup_fraction=cfg.warmup_fraction,
+        num_parameters=num_parameters,
     )
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     compile_mode = compiling.resolve_compile_mode(cfg.compile, device, zero_stage)
@@ -443,13 +447,14 @@ def run(
     engine.train()
     while step < last_step:
         epoch, position = divmod(batches_done, batches_per_epoch)
-        batches = iter(data.train_batches(epoch, position))
+        # Copied to the device one batch ahead (a side stream on GPUs), object masks applied there.
+        batches = iter(DevicePrefetcher(data.train_batches(epoch, position), engine.device))
         while step < last_step and batches_done < (epoch + 1) * batches_per_epoch:
             if batches_done % accumulation == 0:
                 hooks.step_begins(step)
             phase, task_weights = schedule.at(step)
             waited = time.monotonic()
-            batch = B.to_device(next(batches), engine.device)
+            batch = next(batches)
             data_wait += time.monotonic() - waited
             output = engine(batch, task_weights)
             if _fault_here(FAULT_NAN_AT_BATCH, batches_done, info.rank):
