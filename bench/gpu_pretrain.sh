@@ -34,14 +34,14 @@
 # timed on a GPU here (guessed at 60-120 s per mode). The caps are hard limits (timeout); the script
 # also stops starting stages when less than a stage's minimum is left of BUDGET (470 s: 8 minutes
 # less a margin), and stages.tsv / results.md record what each stage really took.
-#   stage            expected   cap   minimum to start
-#   setup (wheels, env, corpus ~4k images)   50    -     -
-#   (a) loader               25    45    20
-#   (d) full, compile auto  140   180    90   (start-up ~20, compile 60-120, 80 steps, final save)
-#   (b) model               170   200    60   (HF+eager ~30, compile default 60-120, cudagraphs 40-90)
-#   (c) engine               45    60    30
-#   (d') full, compile off   50    75    45   (likely skipped at the default budget)
-#   report                   10    -     (reserved: 15)
+#   stage                                  expected   cap   minimum to start
+#   setup (wheels ~15, env ~10, corpus of ~4,300 images ~30)   55     -     -
+#   (a) loader                                   25    45    20
+#   (d) full, --compile auto                    140   180    90   start-up ~20, compile 60-120, 80 steps, final save
+#   (b) model                                   170   200    60   HF + eager ~30, compile default 60-120, cudagraphs 40-90
+#   (c) engine                                   45    60    30
+#   (d') full, --compile off                     50    75    45   expected total so far ~435 s: likely skipped
+#   report                                       10     -     (15 reserved)
 #
 # Knobs (environment): BATCH (256), WORKERS (8), WARM_STEPS (the loader ring's first pass, WORKERS x
 # (prefetch 2 + lxtrain.data.loader.RING_EXTRA_SLOTS) = 48, rounded up to LOG_EVERY), TIMED_STEPS (32),
