@@ -1,6 +1,6 @@
 """Faults injected into real pre-training runs: nothing executes from a file, nothing is lost.
 
-The quicker scenarios of ``python -m lxtrain.faults`` run here (same code, shorter runs); the
+The quicker scenarios of ``python -m lxtrain.testing.faults`` run here (same code, shorter runs); the
 network cut needs the local Slurm cluster and is slow. Every multi-process run goes through the
 ``deepspeed`` launcher with two gloo ranks, as users run it.
 """
@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from lxtrain import checkpoint, faults
+from lxtrain import checkpoint
 from lxtrain.data.shard_format import CorruptSampleError, decode_sample
+from lxtrain.testing import faults
 
 pytestmark = pytest.mark.multiproc
 

@@ -21,8 +21,8 @@ import torch
 from lxtrain import convert
 from lxtrain.data import synthetic_tasks
 from lxtrain.data.synthetic import World
-from lxtrain.faults import REPO, make_corpus, run_pretrain, step_losses
 from lxtrain.model import LxmertConfig, LxmertForPretraining
+from lxtrain.testing.faults import REPO, make_corpus, run_pretrain, step_losses
 
 pytestmark = [
     pytest.mark.gpu,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lxtrain.faults import ENTRY, REPO, assert_same_losses, pretrain_env, run_pretrain, step_losses
+from lxtrain.testing.faults import ENTRY, REPO, assert_same_losses, pretrain_env, run_pretrain, step_losses
 
 pytestmark = pytest.mark.multiproc
 

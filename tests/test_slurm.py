@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from lxtrain import faults
-from lxtrain.faults import REPO, job_fields, job_log, submit
-from lxtrain.faults import step_losses as train_losses
+from lxtrain.testing import faults
+from lxtrain.testing.faults import REPO, job_fields, job_log, submit
+from lxtrain.testing.faults import step_losses as train_losses
 
 pytestmark = pytest.mark.multiproc
 

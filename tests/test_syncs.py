@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lxtrain.faults import ENTRY, REPO, make_corpus, pretrain_command, pretrain_env
+from lxtrain.testing.faults import ENTRY, REPO, make_corpus, pretrain_command, pretrain_env
 
 PROBE = str(Path(__file__).with_name("sync_probe.py"))
 FIRST_STEP, LOG_EVERY, STEPS = 3, 4, 8  # counted: steps 3, 5, 6, 7

@@ -1,6 +1,6 @@
 """Fault-injection suite: run pre-training through its real launchers, break it, check nothing is lost.
 
-    python -m lxtrain.faults --out /tmp/faults          # every scenario, then a markdown table
+    python -m lxtrain.testing.faults --out /tmp/faults  # every scenario, then a markdown table
 
 Each scenario runs ``lxtrain/pretrain.py`` (tiny model, ``ds_configs/cpu_tiny.json``, two gloo
 ranks through the ``deepspeed`` launcher, or ``sbatch`` on the local two-node Slurm cluster of
@@ -36,7 +36,7 @@ import numpy as np
 
 from lxtrain import checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # lxtrain/testing/faults.py -> the repository
 ENTRY = str(REPO / "lxtrain" / "pretrain.py")
 LOSS_TOLERANCE = 1e-6  # relative; fp32 on CPU resumes bit-exactly in practice
 FAULT_LINE = re.compile(r"lxtrain fault injection: .* at (\d+\.\d+)")
@@ -840,7 +840,9 @@ TABLE_HEADER = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lxtrain.faults", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lxtrain.testing.faults", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--out", type=Path, required=True, help="scratch directory (runs, corpus, table.md)")
     parser.add_argument(
         "--max-steps", type=int, default=12, help="steps of every run (epoch 2 starts at ~10)"
