@@ -672,6 +672,34 @@ def timed_figures(
     return figures
 
 
+def engine_overhead_figures(report: Mapping[str, Any]) -> dict[str, Any]:
+    """Stage (c) from bench/engine_overhead.py's JSON (one model size): samples/s is batch x timed
+    steps over each variant's total wall time (its steps alternate and each is synchronised)."""
+    (size, result), *_ = report["sizes"].items()
+    batch, steps = report["batch"], report["steps"]
+    variants = {}
+    for name, row in result["variants"].items():
+        wall = row.get("total_wall_s")
+        variants[name] = {
+            "status": "ok" if wall else "no time",
+            "optimizer": row.get("optimizer"),
+            "warmup_s": None,
+            "timed_steps": steps,
+            "peak_memory_gib": None,
+            "samples_per_s": batch * steps / wall if wall else None,
+            "step_ms": 1e3 * wall / steps if wall else None,
+            "mfu": None,
+            "aten_ops": row.get("aten_ops"),
+            "kernel_ops": row.get("kernel_ops"),
+            "host_syncs_deepspeed": row.get("host_syncs_deepspeed"),
+            "accelerator_synchronize": row.get("accelerator_synchronize"),
+        }
+    keys = ("precision", "batch", "steps", "warmup", "device", "command")
+    return {"source": "bench/engine_overhead.py", "size": size, **{key: report.get(key) for key in keys}} | {
+        "variants": variants
+    }
+
+
 def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -712,6 +740,9 @@ def collect(out_dir: Path) -> dict:
         stages[stage] = {key: value for key, value in record.items() if key != "variants"} | {
             "variants": variants
         }
+    overhead = _read(out_dir / "engine_overhead.json")
+    if overhead is not None:  # stage (c) ran as bench/engine_overhead.py
+        stages["engine"] = engine_overhead_figures(overhead)
     stages["pretrain"] = {}
     for mode in FULL_RUNS:
         run_dir = out_dir / "runs" / mode
@@ -851,10 +882,20 @@ def markdown(results: Mapping[str, Any]) -> str:
         if not record:
             lines.append("Not run.")
             continue
+        counts = stage == "engine" and record.get("source") == "bench/engine_overhead.py"
+        if counts:
+            lines.append(
+                f"From `{record.get('command')}` (its own feature and answer sizes): the variants' steps "
+                "alternate, each synchronised; ops and syncs counted over one more step per variant."
+            )
+            lines.append("")
         lines += [
             "| variant | status | optimizer | warm-up s (compile included) | timed steps | samples/s | ms/step | MFU "
-            f"| peak GiB | vs HF |{' vs plain |' if extra else ''}",
-            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if extra else ""),
+            f"| peak GiB | vs HF |{' vs plain |' if extra else ''}"
+            + (" aten ops | kernel ops | DeepSpeed host syncs | accelerator.synchronize |" if counts else ""),
+            "|---|---|---|---|---|---|---|---|---|---|"
+            + ("---|" if extra else "")
+            + ("---|" * 4 if counts else ""),
         ]
         for name, row in record["variants"].items():
             lines.append(
@@ -862,6 +903,19 @@ def markdown(results: Mapping[str, Any]) -> str:
                 f"| {row['timed_steps'] or '-'} | {_fmt(row['samples_per_s'], '{:.1f}')} | {_fmt(row['step_ms'], '{:.1f}')} "
                 f"| {_fmt(row['mfu'], '{:.1%}')} | {_fmt(row['peak_memory_gib'], '{:.1f}')} | {_fmt(row['vs_hf'], '{:.2f}x')} |"
                 + (f" {_fmt(row.get(extra), '{:.2f}x')} |" if extra else "")
+                + (
+                    "".join(
+                        f" {row.get(key, '-')} |"
+                        for key in (
+                            "aten_ops",
+                            "kernel_ops",
+                            "host_syncs_deepspeed",
+                            "accelerator_synchronize",
+                        )
+                    )
+                    if counts
+                    else ""
+                )
             )
     lines += ["", "## (d) Full lxtrain/pretrain.py (DeepSpeed, the real loader), timed through StepHooks", ""]
     if stages["pretrain"]:

@@ -14,8 +14,9 @@
 # and OUT_DIR/results.md, with every figure's ratio to HF and the issue's goals as met / not met.
 # Stages, in the order they run (the goals' figures first, "if time allows" last):
 #   setup   carried wheels if deepspeed/webdataset are missing; environment.json; a synthetic corpus
-#           (lxtrain.data.synthetic, 2048-d features) big enough for the full run's steps in one epoch;
-#           the DeepSpeed JSON for world size 1 (ds_configs/zero2_bf16.json, micro-batch = BATCH).
+#           (lxtrain.data.synthetic, 2048-d features) big enough for the full run's steps in one epoch,
+#           while DeepSpeed's FusedAdam is JIT-built in the background (GPU); the DeepSpeed JSON for
+#           world size 1 (ds_configs/zero2_bf16.json, micro-batch = BATCH).
 #   (a) loader   the training loader alone as pretrain.py builds it: examples/s after the first
 #                pass over its shared-memory ring (fresh pages, slow), and that pass apart.
 #   (d) full     lxtrain/pretrain.py --compile auto, DeepSpeed bf16 ZeRO-2, batch BATCH, WORKERS
@@ -24,8 +25,10 @@
 #   (b) model    HF LxmertForPreTraining eager (the baseline) vs lxtrain eager, --compile default,
 #                --compile cudagraphs: one process, one on-device batch, fp32 weights + bf16
 #                autocast, torch fused AdamW, clipping at 1.0; no DeepSpeed, no loader.
-#   (c) engine   lxtrain eager through pretrain.py's DeepSpeed engine (ZeRO ENGINE_STAGES) vs the
-#                plain torch step on the same model and batch, one process.
+#   (c) engine   bench/engine_overhead.py (plain torch step vs the DeepSpeed engine at ZeRO
+#                ENGINE_STAGES, as lxtrain ran it before and as it runs now, with op and sync
+#                counts), or where that file is missing or cannot build its engines, this script's
+#                own `engine` subcommand (plain vs DeepSpeed, same optimizer in both).
 #   (d') full    the same full run with --compile off.
 #   opt-in       RUN_TESTS=1 (GPU tests), RUN_KERNELS=1 (bench/kernels.py), last, if time is left.
 #   report  collect.
@@ -35,23 +38,24 @@
 # also stops starting stages when less than a stage's minimum is left of BUDGET (470 s: 8 minutes
 # less a margin), and stages.tsv / results.md record what each stage really took.
 #   stage                                  expected   cap   minimum to start
-#   setup (wheels ~15, env ~10, corpus of ~4,300 images ~30)   55     -     -
+#   setup: wheels ~15, env ~10, corpus of ~4,300 images ~30 alongside the FusedAdam build ~40
+#                                                60     -     -
 #   (a) loader                                   25    45    20
 #   (d) full, --compile auto                    140   180    90   start-up ~20, compile 60-120, 80 steps, final save
 #   (b) model                                   170   200    60   HF + eager ~30, compile default 60-120, cudagraphs 40-90
-#   (c) engine                                   45    60    30
-#   (d') full, --compile off                     50    75    45   expected total so far ~435 s: likely skipped
+#   (c) engine (engine_overhead.py, 6 variants)  60    90    60   its output is written at its end only
+#   (d') full, --compile off                     50    75    45   expected total so far ~455 s: likely skipped
 #   report                                       10     -     (15 reserved)
 #
 # Knobs (environment): BATCH (256), WORKERS (8), WARM_STEPS (the loader ring's first pass, WORKERS x
 # (prefetch 2 + lxtrain.data.loader.RING_EXTRA_SLOTS) = 48, rounded up to LOG_EVERY), TIMED_STEPS (32),
 # LOG_EVERY (8), MODEL_WARMUP (5) / MODEL_STEPS (20) per model and engine variant, MODEL_VARIANTS
-# ("hf eager default cudagraphs"), ENGINE_STAGES ("2 1"), FULL_RUNS ("auto off"), BUDGET (470),
-# STAGE_TIMEOUT (lowers every cap), DS_FUSED_ADAM=1 (JIT-build DeepSpeed's FusedAdam with nvcc, ~40 s,
-# and use it in (c) and (d); default: torch fused AdamW inside DeepSpeed, the optimizer of (b)),
-# RUN_TESTS=1 with TESTS / TEST_ARGS, RUN_KERNELS=1, COMPILE_BACKEND (inductor), FEATURE_DIM (2048),
-# DRY_RUN=1: tiny model, batch 4, 2 workers, few steps, aot_eager compile backend, CPU; checks the
-# script end to end in ~3 minutes, says nothing about speed.
+# ("hf eager default cudagraphs"), ENGINE_STAGES ("2 1"), OWN_ENGINE_STAGE=1 (this script's engine
+# subcommand for (c): cheaper, and written variant by variant), FULL_RUNS ("auto off"), BUDGET (470),
+# STAGE_TIMEOUT (lowers every cap), TORCH_ADAM=1 (no FusedAdam build: torch's fused AdamW inside
+# DeepSpeed), RUN_TESTS=1 with TESTS / TEST_ARGS, RUN_KERNELS=1, COMPILE_BACKEND (inductor),
+# FEATURE_DIM (2048), DRY_RUN=1: tiny model, batch 4, 2 workers, few steps, aot_eager compile backend,
+# CPU; checks the script end to end in ~2-3 minutes, says nothing about speed.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -155,7 +159,24 @@ print(json.dumps(info))
 EOF
 command -v nvidia-smi >/dev/null && nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 
-# setup 3. Synthetic corpus: every full run reads one epoch from its start (about 6.7 sentences per image).
+# setup 3. DeepSpeed's FusedAdam (the shipped configs' optimizer), JIT-built with nvcc in the background
+#    while the corpus is written (~40 s, about as long), so that neither the full runs nor
+#    bench/engine_overhead.py pay for it inside their stages. TORCH_ADAM=1 skips it; if the build
+#    fails or nvcc is missing, torch's fused AdamW stands in inside DeepSpeed (recorded).
+build_pid=
+if [[ "$cuda" == 1 && -z "${TORCH_ADAM:-}" ]]; then
+  # DeepSpeed's JIT builder parses TORCH_CUDA_ARCH_LIST as plain numbers and fails on the suffixed
+  # entries (e.g. "9.0a") that some CUDA images set: build for this GPU's own compute capability
+  # (exported: the later loads must ask for the same flags, or they rebuild).
+  TORCH_CUDA_ARCH_LIST=$("$python" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  export TORCH_CUDA_ARCH_LIST
+  log "building DeepSpeed FusedAdam in the background"
+  ( rc=0; timeout -k 5 150 "$python" -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" \
+      > "$out/logs/fused_adam_build.txt" 2>&1 || rc=$?; echo "$rc" > "$out/logs/fused_adam_build.rc" ) &
+  build_pid=$!
+fi
+
+# setup 4. Synthetic corpus: every full run reads one epoch from its start (about 6.7 sentences per image).
 corpus=$out/corpus
 if [[ ! -f "$corpus/shards/train/index.json" ]]; then
   images=$(( (batch * (steps + 2)) / 5 + 64 ))
@@ -164,17 +185,14 @@ if [[ ! -f "$corpus/shards/train/index.json" ]]; then
     --workers "$(( $(nproc) > 8 ? 8 : $(nproc) ))" > "$out/logs/corpus.txt" 2>&1
 fi
 shards=$corpus/shards/train
-
-# setup 4. DeepSpeed JSON for world size 1: the reference zero2_bf16.json with the batch sizes set.
 optimizer=torch
-if [[ -n "${DS_FUSED_ADAM:-}" && "$cuda" == 1 ]]; then
-  # DeepSpeed's JIT builder parses TORCH_CUDA_ARCH_LIST as plain numbers and fails on the suffixed
-  # entries (e.g. "9.0a") that some CUDA images set: build for this GPU's own compute capability.
-  TORCH_CUDA_ARCH_LIST=$("$python" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-  export TORCH_CUDA_ARCH_LIST
-  stage fused_adam_build 90 60 "$python" -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()"
-  tail -n1 "$out/stages.tsv" | grep -q $'\tok\t' && optimizer=deepspeed
+if [[ -n "$build_pid" ]]; then
+  wait "$build_pid" || true  # before any timed stage: the build would compete for the CPUs
+  if [[ "$(cat "$out/logs/fused_adam_build.rc" 2>/dev/null)" == 0 ]]; then optimizer=deepspeed
+  else log "FusedAdam build failed (logs/fused_adam_build.txt): torch fused AdamW inside DeepSpeed"; fi
 fi
+
+# setup 5. DeepSpeed JSON for world size 1: the reference zero2_bf16.json with the batch sizes set.
 ds_config=$out/ds_zero2_bf16_world1.json
 "$python" - "$ds_config" "$batch" "$optimizer" <<'EOF'
 import json, sys
@@ -182,8 +200,7 @@ path, batch, optimizer = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 config = json.load(open("ds_configs/zero2_bf16.json"))
 config.update(train_batch_size=batch, train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1)
 if optimizer == "torch":
-    # torch's fused AdamW inside DeepSpeed: the optimizer of the model stage, so the engine stage
-    # compares engines and not optimizer kernels, and no ~40 s nvcc build of FusedAdam.
+    # torch's fused AdamW inside DeepSpeed (CPU, TORCH_ADAM=1, or no FusedAdam build).
     params = config["optimizer"]["params"]
     params.pop("bias_correction")  # torch's AdamW always corrects bias; the step costs the same
     params.update(torch_adam=True, fused=True)
@@ -215,10 +232,18 @@ full_run() {  # full_run MODE CAP MINIMUM
 stage model 200 60 "$python" bench/gpu_pretrain.py model --shards "$shards" --size "$size" --batch "$batch" \
   --warmup "$model_warmup" --steps "$model_steps" --variants $variants --compile-backend "$compile_backend" \
   --record "$out/model.json"
-# shellcheck disable=SC2086
-stage engine 60 30 "$python" bench/gpu_pretrain.py engine --shards "$shards" --size "$size" --batch "$batch" \
-  --deepspeed-config "$ds_config" --warmup "$model_warmup" --steps "$model_steps" --stages $engine_stages \
-  --record "$out/engine.json"
+# (c) bench/engine_overhead.py where it exists and can build its engines (its JSON asks for
+#     DeepSpeed's Adam: FusedAdam on a GPU), else this script's own engine subcommand.
+if [[ -f bench/engine_overhead.py && ( "$cuda" == 0 || "$optimizer" == deepspeed ) && -z "${OWN_ENGINE_STAGE:-}" ]]; then
+  # shellcheck disable=SC2086
+  stage engine 90 60 "$python" bench/engine_overhead.py --sizes "$size" --stages $engine_stages --precision bf16 \
+    --batch "$batch" --warmup "$model_warmup" --steps "$model_steps" --out "$out/engine_overhead.json"
+else
+  # shellcheck disable=SC2086
+  stage engine 60 30 "$python" bench/gpu_pretrain.py engine --shards "$shards" --size "$size" --batch "$batch" \
+    --deepspeed-config "$ds_config" --warmup "$model_warmup" --steps "$model_steps" --stages $engine_stages \
+    --record "$out/engine.json"
+fi
 
 # (d') The full run without compiling, if time is left.
 [[ " $full_runs " == *" off "* ]] && full_run off 75 45

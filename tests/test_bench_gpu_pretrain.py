@@ -205,3 +205,33 @@ def test_time_steps_runs_warm_up_then_timed_steps() -> None:
     assert timing["warmup_steps"] == 2 and timing["timed_steps"] == 3
     assert timing["timed_s"] >= 0.03
     assert timing["warmup_s"] >= 0.02
+
+
+def test_engine_stage_from_engine_overhead_report(tmp_path: Path) -> None:
+    # bench/engine_overhead.py's JSON replaces engine.json: 20 steps of 256 in 2.0 s (plain) and
+    # 2.5 s (ZeRO-2): 2560 and 2048 samples/s, 0.8x plain; HF (model stage) is 2560/s.
+    _fabricate(tmp_path, end_mark=14.0, windows=WINDOWS)
+
+    def row(wall: float, syncs: int) -> dict:
+        return {
+            "optimizer": "X",
+            "total_wall_s": wall,
+            "aten_ops": 100,
+            "kernel_ops": 50,
+            "host_syncs_deepspeed": syncs,
+            "accelerator_synchronize": 0,
+        }
+
+    report = {"command": "engine_overhead.py --sizes base", "batch": 256, "steps": 20, "precision": "bf16"}
+    report["sizes"] = {"base": {"variants": {"plain": row(2.0, 0), "zero2-tuned": row(2.5, 3)}}}
+    (tmp_path / "engine_overhead.json").write_text(json.dumps(report))
+    engine = bench.collect(tmp_path)["stages"]["engine"]
+    assert engine["source"] == "bench/engine_overhead.py"
+    assert engine["variants"]["plain"]["samples_per_s"] == pytest.approx(2560.0)
+    assert engine["variants"]["zero2-tuned"]["samples_per_s"] == pytest.approx(2048.0)
+    assert engine["variants"]["zero2-tuned"]["vs_plain"] == pytest.approx(0.8)
+    assert engine["variants"]["zero2-tuned"]["vs_hf"] == pytest.approx(0.8)
+    assert (
+        "| zero2-tuned | ok | X | - | 20 | 2048.0 | 125.0 | - | - | 0.80x | 0.80x | 100 | 50 | 3 | 0 |"
+        in (tmp_path / "results.md").read_text()
+    )
