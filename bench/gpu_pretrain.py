@@ -330,11 +330,12 @@ def _model_variant(
             values = convert.config_to_hf(config)
             values.pop("model_type")
             with device:  # built in place: no CPU initialisation of 200M parameters
-                model = transformers.LxmertForPreTraining(transformers.LxmertConfig(**values)).train()
+                model = transformers.LxmertForPreTraining(transformers.LxmertConfig(**values))
+            model = model.to(device).train()  # a no-op unless some tensor was made on an explicit device
             loss = _hf_loss(model, _hf_inputs(batch))
         else:
             with device:
-                model = LxmertForPretraining(config)
+                model = LxmertForPretraining(config).to(device)
             loss = _objective_loss(PretrainingObjective(model, compile_mode=mode).train(), batch, weights)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, entry["optimizer"] = _adamw(params, device)
@@ -431,7 +432,7 @@ def _engine_variant(
     try:
         torch.manual_seed(0)
         with device:
-            objective = PretrainingObjective(LxmertForPretraining(config)).train()
+            objective = PretrainingObjective(LxmertForPretraining(config)).to(device).train()
         if name == "plain":
             params = [p for p in objective.parameters() if p.requires_grad]
             optimizer, entry["optimizer"] = _adamw(params, device)
@@ -516,7 +517,11 @@ def run_pretrain(record_path: Path, warm_steps: int, pretrain_args: list[str]) -
 
     hooks = Timing()
 
+    main_pid = os.getpid()
+
     def on_term(signum: int, frame: object) -> None:
+        if os.getpid() != main_pid:  # a forked loader worker (timeout signals the whole group)
+            os._exit(1)
         record["exit_code"] = f"stopped by {signal.Signals(signum).name} (the stage's time limit)"
         record["wall_s"] = time.perf_counter() - start
         _write(record_path, {**record, "step_end_s": hooks.step_end_s})
