@@ -1,4 +1,4 @@
-"""Rank-0 monitoring: TensorBoard scalars and images, a console progress line, and an MFU estimate.
+"""Rank-0 monitoring: TensorBoard scalars, images and figures, a console progress line, and an MFU estimate.
 
 Every method is a no-op on ranks other than 0, so the training loop calls them unconditionally.
 """
@@ -10,11 +10,15 @@ import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from lxtrain.model.config import LxmertConfig
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Dense bf16 peak of known accelerators, TFLOP/s (vendor figures, without sparsity).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
@@ -65,17 +69,6 @@ def detect_peak_tflops() -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
-def attention_heatmap(probabilities: np.ndarray, scale: int = 8) -> np.ndarray:
-    """A (3, H, W) uint8 image of a (tokens, boxes) attention map: rows are words, columns boxes."""
-    normalised = probabilities / max(float(probabilities.max()), 1e-12)
-    cells = np.kron(normalised, np.ones((scale, scale)))
-    # A perceptual-ish dark-blue -> yellow ramp, so weak and strong attention are easy to tell apart.
-    red = np.clip(1.5 * cells - 0.3, 0, 1)
-    green = np.clip(1.2 * cells, 0, 1)
-    blue = np.clip(0.6 - cells, 0, 1)
-    return (np.stack([red, green, blue]) * 255).astype(np.uint8)
-
-
 class Monitor:
     def __init__(self, log_dir: Path | None, total_steps: int, enabled: bool) -> None:
         self.enabled = enabled
@@ -102,6 +95,14 @@ class Monitor:
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
         if self.writer is not None:
             self.writer.add_image(tag, image, step, dataformats="CHW")
+
+    def figure(self, tag: str, figure: Figure, step: int) -> None:
+        """A matplotlib figure as an image, rendered off-screen (only where there is a writer)."""
+        if self.writer is not None:
+            # Imported here: matplotlib costs every rank start-up time, and only rank 0 draws.
+            from lxtrain.figures import figure_to_image
+
+            self.image(tag, figure_to_image(figure), step)
 
     def progress(
         self, step: int, epoch: float, phase: str, losses: Mapping[str, float], samples_per_s: float

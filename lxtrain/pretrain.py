@@ -37,7 +37,7 @@ from lxtrain.data.prefetch import DevicePrefetcher  # noqa: E402
 from lxtrain.data.tokenizer import WordPieceEncoder  # noqa: E402
 from lxtrain.model import LxmertForPretraining  # noqa: E402
 from lxtrain.model.inspection import capture_cross_attention, language_to_vision_attention  # noqa: E402
-from lxtrain.monitor import Monitor, attention_heatmap, detect_peak_tflops, training_flops_per_sample  # noqa: E402
+from lxtrain.monitor import Monitor, detect_peak_tflops, training_flops_per_sample  # noqa: E402
 from lxtrain.tasks.objectives import (  # noqa: E402
     HF_VISUAL_LOSS_NORMALIZER,
     RELEASE_VISUAL_LOSS_NORMALIZER,
@@ -319,11 +319,13 @@ def validate(
 def _log_attention(
     monitor: Monitor, data: PretrainData, attention: torch.Tensor, batch: dict, step: int
 ) -> None:
-    """Words (rows) over boxes (columns), mean over heads, for the first example of the batch."""
-    length = int(batch[B.ATTENTION_MASK][0].sum())
-    probabilities = attention[0].mean(0)[:length].cpu().numpy()
-    monitor.image("attention/language_to_vision", attention_heatmap(probabilities), step)
-    words = data.decode_tokens(batch[B.INPUT_IDS][0, :length].tolist())
+    """A labelled figure of words over boxes (mean over heads) for one example of the batch."""
+    # Imported here: matplotlib is only needed on the rank that draws (see Monitor.figure).
+    from lxtrain.figures import language_to_vision_figure, object_class_names
+
+    names = object_class_names(data.valid.index)
+    figure, words = language_to_vision_figure(batch, attention, data.decode_tokens, names, step)
+    monitor.figure("attention/language_to_vision", figure, step)
     monitor.text("attention/words", " | ".join(words), step)
 
 
