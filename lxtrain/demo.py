@@ -31,9 +31,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from lxtrain.data.index import open_index
 from lxtrain.data.shard_format import decode_sample, iter_shard
 from lxtrain.data.synthetic import World
+from lxtrain.figures import curves_figure, read_validation, save_figure, validation_curves
 
 REPO = Path(__file__).resolve().parent.parent
 # Named demo settings: the world (synthetic corpus) and the pre-training budget.
@@ -58,6 +61,8 @@ DEMO_SETTINGS: dict[str, dict[str, object]] = {
         object_word_mask_probability=1.0,
     ),
 }
+# The PNG of the validation curves, written next to summary.json.
+CURVES_NAME = "validation_curves.png"
 OBJECT_WORDS = "dog,cat,car,bus,horse,bird,chair,cup,ball,boat,truck,cow,bike,tree,table,bottle"
 
 
@@ -124,13 +129,12 @@ def pretrain_command(run_dir: Path, shards: Path, args: argparse.Namespace, *ext
     ]
 
 
-def pretrain(run_dir: Path, shards: Path, args: argparse.Namespace, *extra: str) -> dict:
-    """Run one demo pre-training; returns its last validation record."""
+def pretrain(run_dir: Path, shards: Path, args: argparse.Namespace, *extra: str) -> list[dict]:
+    """Run one demo pre-training; returns its validation records, in step order."""
     command = pretrain_command(run_dir, shards, args, *extra)
     print("$ " + " ".join(command), flush=True)
     subprocess.run(command, check=True, cwd=REPO)
-    records = [json.loads(line) for line in (run_dir / "validation.jsonl").read_text().splitlines()]
-    return records[-1]
+    return read_validation(run_dir / "validation.jsonl")
 
 
 def resolve_setting(args: argparse.Namespace) -> argparse.Namespace:
@@ -195,7 +199,26 @@ def main(argv: list[str] | None = None) -> int:
     model = pretrain(out / "pretrain", shards, args)
     control = None if args.no_control else pretrain(out / "control", shards, args, "--zero-visual-input")
     answer, baseline = majority_baseline(shards / "valid")
+    report(out, args, model, control, answer, baseline)
+    return 0
 
+
+def report(
+    out: Path,
+    args: argparse.Namespace,
+    model_records: list[dict],
+    control_records: list[dict] | None,
+    answer: str,
+    baseline: float,
+) -> tuple[Path, Figure]:
+    """Print the summary table, write ``summary.json`` and the validation curves' PNG next to it.
+
+    Both come from the same validation records (the runs' ``validation.jsonl``): the table from
+    the last record of each run, the figure from all of them. Returns the PNG's path and the
+    figure drawn into it (whose lines hold the plotted values).
+    """
+    model = model_records[-1]
+    control = control_records[-1] if control_records else None
     rows = [
         ("validation QA accuracy", model["acc"].get("qa"), control and control["acc"].get("qa"), baseline),
         (
@@ -248,10 +271,18 @@ def main(argv: list[str] | None = None) -> int:
     for name, ours, theirs, reference in rows:
         print(f"{name:32s} {cell(ours):>8s} {cell(theirs):>10s} {cell(reference):>9s}")
     print(f"(baseline: QA = always answer {answer!r}; matching = chance)")
+    runs = {"LXMERT": model_records, **({"no vision": control_records} if control_records else {})}
+    figure = curves_figure(
+        validation_curves(runs),
+        f"Validation during pre-training ({args.setting} setting, {args.recipe} recipe)",
+        references={"qa": (baseline, f"always {answer!r}"), "match": (0.5, "chance")},
+    )
+    curves_path = save_figure(figure, out / CURVES_NAME)
+    print(f"Validation curves: {curves_path}")
     print(f"TensorBoard: tensorboard --logdir {out}")
     summary = {"model": model, "control": control, "majority_answer": answer, "majority_accuracy": baseline}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return 0
+    return curves_path, figure
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
-"""The quick-start demo's settings reach the pre-training entry point as its parser reads them."""
+"""The quick-start demo: its settings reach the pre-training entry point as its parser reads them,
+and its report (summary and validation curves) shows the runs' own validation records."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from matplotlib.image import imread
 
 from lxtrain.config import parse_args as parse_pretrain_args
-from lxtrain.demo import OBJECT_WORDS, parse_args, pretrain_command
+from lxtrain.demo import CURVES_NAME, OBJECT_WORDS, parse_args, pretrain_command, report
+from lxtrain.figures import DPI, read_validation
 
 
 def _pretrain_config(argv: list[str], *extra: str):
@@ -40,3 +44,77 @@ def test_single_flags_override_the_setting(argv, rate):
     config = _pretrain_config(argv)
     assert config.object_word_mask_probability == rate
     assert config.object_words == OBJECT_WORDS  # reported in validation either way
+
+
+def _record(step: int, qa: float, match: float, object_words: float | None) -> dict:
+    """One line of validation.jsonl as pretrain.py writes it (other tasks left out)."""
+    acc = {"qa": qa, "match": match, "mlm": 0.5, "obj": 0.4, "attr": 0.3}
+    if object_words is not None:
+        acc["mlm_object_words"] = object_words
+    return {"step": step, "loss": {"qa": 1.0}, "acc": acc, "qa_acc_by_source": {}}
+
+
+@pytest.fixture
+def validation_files(tmp_path) -> dict[str, Path]:
+    """A fabricated pair of runs' validation.jsonl; the model's file starts with the records of an
+    earlier run in the same directory (pretrain.py appends), which the report must leave out."""
+    model = [_record(20, 0.9, 0.9, 0.9), _record(40, 0.9, 0.9, 0.9)]  # an earlier, interrupted run
+    model += [_record(20, 0.15, 0.50, 0.05), _record(40, 0.25, 0.52, None), _record(60, 0.40, 0.55, 0.20)]
+    control = [_record(20, 0.14, 0.50, 0.04), _record(40, 0.18, 0.49, 0.06), _record(60, 0.21, 0.50, 0.07)]
+    files = {}
+    for name, records in (("pretrain", model), ("control", control)):
+        (tmp_path / name).mkdir()
+        files[name] = tmp_path / name / "validation.jsonl"
+        files[name].write_text("".join(json.dumps(record) + "\n" for record in records))
+    return files
+
+
+def test_read_validation_keeps_the_latest_run_only(validation_files):
+    assert [r["step"] for r in read_validation(validation_files["pretrain"])] == [20, 40, 60]
+    assert [r["step"] for r in read_validation(validation_files["control"])] == [20, 40, 60]
+
+
+def test_report_plots_the_validation_files_next_to_the_summary(validation_files, tmp_path, capsys):
+    args = parse_args(["--setting", "quick"])
+    model = read_validation(validation_files["pretrain"])
+    control = read_validation(validation_files["control"])
+    path, figure = report(tmp_path, args, model, control, "yes", 0.127)
+
+    assert path == tmp_path / CURVES_NAME and path.is_file()
+    printed = capsys.readouterr().out
+    assert f"Validation curves: {path}" in printed
+    assert "validation QA accuracy              40.0%      21.0%     12.7%" in printed
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["model"]["step"] == 60 and summary["control"]["acc"]["qa"] == 0.21
+    pixels = imread(path)
+    width, height = figure.get_size_inches() * DPI
+    assert pixels.shape == (round(height), round(width), 4)
+
+    panels = {axes.get_title(): axes for axes in figure.axes}
+    assert set(panels) == {"validation QA accuracy", "masked object-word accuracy", "matching accuracy"}
+
+    def plotted(title: str) -> dict[str, tuple[list, list]]:
+        return {
+            line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in panels[title].lines
+        }
+
+    # Every point from the files, the earlier run's none; a record without the metric adds none.
+    qa = plotted("validation QA accuracy")
+    assert qa["LXMERT"] == ([20, 40, 60], [0.15, 0.25, 0.40])
+    assert qa["no vision"] == ([20, 40, 60], [0.14, 0.18, 0.21])
+    assert qa["always 'yes'"][1] == [0.127, 0.127]
+    words = plotted("masked object-word accuracy")
+    assert words == {"LXMERT": ([20, 60], [0.05, 0.20]), "no vision": ([20, 40, 60], [0.04, 0.06, 0.07])}
+    match = plotted("matching accuracy")
+    assert match["LXMERT"] == ([20, 40, 60], [0.50, 0.52, 0.55])
+    assert match["no vision"] == ([20, 40, 60], [0.50, 0.49, 0.50])
+    assert match["chance"][1] == [0.5, 0.5]
+
+
+def test_report_without_the_control_plots_one_run(validation_files, tmp_path):
+    args = parse_args(["--setting", "grounding", "--no-control"])
+    path, figure = report(tmp_path, args, read_validation(validation_files["pretrain"]), None, "1", 0.2)
+    assert path.is_file()
+    labels = {line.get_label() for axes in figure.axes for line in axes.lines}
+    assert labels == {"LXMERT", "always '1'", "chance"}
+    assert json.loads((tmp_path / "summary.json").read_text())["control"] is None
