@@ -6,8 +6,10 @@
 Two pre-training runs on the built-in synthetic corpus, through the real entry point and the
 ``deepspeed`` launcher: the model as it is, and a control whose object features and boxes are
 all zeros (the paper's language-only comparison). The summary compares their validation QA
-accuracy and masked object-word accuracy with the majority-answer baseline. What the model
-learns is only learnable by looking at the image, so the gap is the evidence of grounding.
+accuracy and masked object-word accuracy with the majority-answer baseline, and
+``validation_curves.png`` beside ``summary.json`` plots them (and matching accuracy) at every
+validation step. What the model learns is only learnable by looking at the image, so the gap is
+the evidence of grounding.
 
 Settings (``--setting``; single flags override them):
 
