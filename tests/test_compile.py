@@ -26,6 +26,7 @@ def _objective(compile_mode: str = "off", fallback: bool = False, seed: int = 0)
 def test_model_and_objective_trace_as_one_graph():
     objective = _objective()
     batch = build_batch(objective.model.config)
+    assert not objective.compiled and _objective("default").compiled
     explained = torch._dynamo.explain(objective._objectives)(batch, ALL_TASKS)
     reasons = [str(reason.reason).splitlines()[0] for reason in explained.break_reasons]
     assert explained.graph_break_count == 0, reasons
@@ -86,6 +87,7 @@ def test_auto_falls_back_to_eager_with_one_log_line(monkeypatch, caplog):
         first = objective(batch, ALL_TASKS)
         second = objective(batch, ALL_TASKS)
     assert torch.isfinite(first.total) and torch.isfinite(second.total)
+    assert not objective.compiled  # eager from the first failure on
     fallbacks = [record for record in caplog.records if "continuing eager" in record.getMessage()]
     assert len(fallbacks) == 1
 

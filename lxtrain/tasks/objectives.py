@@ -256,6 +256,11 @@ class PretrainingObjective(torch.nn.Module):
             mlm_capacity_fraction=self.mlm_capacity_fraction,
         )
 
+    @property
+    def compiled(self) -> bool:
+        """Whether training forwards run compiled (False with --compile off, or after a fallback)."""
+        return self._compiled is not None
+
     def forward(
         self, batch: Mapping[str, torch.Tensor], task_weights: Mapping[str, float]
     ) -> ObjectiveOutput:
