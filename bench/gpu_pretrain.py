@@ -172,27 +172,6 @@ def _release(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _hf_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """HF ``LxmertForPreTraining`` arguments with every pre-training label (its loss covers every task)."""
-    from lxtrain import batch as B
-
-    return {
-        "input_ids": batch[B.INPUT_IDS],
-        "visual_feats": batch[B.OBJECT_FEATURES],
-        "visual_pos": batch[B.OBJECT_BOXES],
-        "attention_mask": batch[B.ATTENTION_MASK],
-        "token_type_ids": batch[B.TOKEN_TYPE_IDS],
-        "labels": batch[B.MLM_LABELS],
-        "matched_label": batch[B.MATCHED_LABELS],
-        "ans": batch[B.QA_LABELS],
-        "obj_labels": {
-            "obj": (batch[B.OBJECT_LABELS], batch[B.OBJECT_CONFIDENCES]),
-            "attr": (batch[B.ATTRIBUTE_LABELS], batch[B.ATTRIBUTE_CONFIDENCES]),
-            "feat": (batch[B.FEATURE_TARGETS], batch[B.OBJECT_MASK]),
-        },
-    }
-
-
 # ----------------------------------------------------------------------------------------------
 # (a) loader
 
@@ -332,7 +311,7 @@ def _model_variant(
             with device:  # built in place: no CPU initialisation of 200M parameters
                 model = transformers.LxmertForPreTraining(transformers.LxmertConfig(**values))
             model = model.to(device).train()  # a no-op unless some tensor was made on an explicit device
-            loss = _hf_loss(model, _hf_inputs(batch))
+            loss = _hf_loss(model, {**convert.hf_model_inputs(batch), **convert.hf_pretraining_labels(batch)})
         else:
             with device:
                 model = LxmertForPretraining(config).to(device)

@@ -87,21 +87,7 @@ def step_functions(config, hf, model, batch, compile_mode: str = "off") -> dict[
     """
     weights = dict.fromkeys(TASKS, 1.0)
     eager = PretrainingObjective(model, HF_VISUAL_LOSS_NORMALIZER).train()
-    hf_inputs = {
-        "input_ids": batch[B.INPUT_IDS],
-        "visual_feats": batch[B.OBJECT_FEATURES],
-        "visual_pos": batch[B.OBJECT_BOXES],
-        "attention_mask": batch[B.ATTENTION_MASK],
-        "token_type_ids": batch[B.TOKEN_TYPE_IDS],
-        "labels": batch[B.MLM_LABELS],
-        "matched_label": batch[B.MATCHED_LABELS],
-        "ans": batch[B.QA_LABELS],
-        "obj_labels": {
-            "obj": (batch[B.OBJECT_LABELS], batch[B.OBJECT_CONFIDENCES]),
-            "attr": (batch[B.ATTRIBUTE_LABELS], batch[B.ATTRIBUTE_CONFIDENCES]),
-            "feat": (batch[B.FEATURE_TARGETS], batch[B.OBJECT_MASK]),
-        },
-    }
+    hf_inputs = {**convert.hf_model_inputs(batch), **convert.hf_pretraining_labels(batch)}
 
     def objective_step(objective: PretrainingObjective) -> Callable[[], float]:
         def step() -> float:

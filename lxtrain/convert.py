@@ -314,6 +314,36 @@ def write_hf(state: StateDict, config: LxmertConfig, directory: str | Path) -> N
     (directory / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
 
 
+def hf_model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated lxtrain batch as HF ``LxmertForPreTraining``'s input arguments."""
+    from lxtrain import batch as B
+
+    return {
+        "input_ids": batch[B.INPUT_IDS],
+        "visual_feats": batch[B.OBJECT_FEATURES],
+        "visual_pos": batch[B.OBJECT_BOXES],
+        "attention_mask": batch[B.ATTENTION_MASK],
+        "token_type_ids": batch[B.TOKEN_TYPE_IDS],
+    }
+
+
+def hf_pretraining_labels(batch: Mapping[str, torch.Tensor]) -> dict[str, object]:
+    """The batch's targets in HF's argument names (its ``loss`` then covers every task). HF's
+    ``ans`` is a cross-entropy with PyTorch's default ignore index -100, lxtrain's value too."""
+    from lxtrain import batch as B
+
+    return {
+        "labels": batch[B.MLM_LABELS],
+        "matched_label": batch[B.MATCHED_LABELS],
+        "ans": batch[B.QA_LABELS],
+        "obj_labels": {
+            "obj": (batch[B.OBJECT_LABELS], batch[B.OBJECT_CONFIDENCES]),
+            "attr": (batch[B.ATTRIBUTE_LABELS], batch[B.ATTRIBUTE_CONFIDENCES]),
+            "feat": (batch[B.FEATURE_TARGETS], batch[B.OBJECT_MASK]),
+        },
+    }
+
+
 def read_original(path: str | Path, num_attention_heads: int = 12) -> tuple[StateDict, LxmertConfig]:
     path = Path(path)
     raw = torch.load(path, map_location="cpu", weights_only=True)

@@ -8,37 +8,13 @@ import torch.nn.functional as F
 from conftest import build_batch
 
 from lxtrain import batch as B
+from lxtrain import convert
 from lxtrain.model import attention as attention_module
 from lxtrain.model.config import LxmertConfig
 from lxtrain.model.lxmert import LxmertForPretraining
 from lxtrain.tasks.objectives import HF_VISUAL_LOSS_NORMALIZER, TASKS, pretraining_objectives
 
 PARITY_ATOL = 1e-5
-
-
-def _hf_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {
-        "input_ids": batch[B.INPUT_IDS],
-        "visual_feats": batch[B.OBJECT_FEATURES],
-        "visual_pos": batch[B.OBJECT_BOXES],
-        "attention_mask": batch[B.ATTENTION_MASK],
-        "token_type_ids": batch[B.TOKEN_TYPE_IDS],
-    }
-
-
-def _hf_labels(batch: dict[str, torch.Tensor]) -> dict[str, object]:
-    """The batch's targets in HF's argument names. HF's ``ans`` is a cross-entropy with PyTorch's
-    default ignore index -100, the same value lxtrain uses for rows without a QA target."""
-    return {
-        "labels": batch[B.MLM_LABELS],
-        "matched_label": batch[B.MATCHED_LABELS],
-        "ans": batch[B.QA_LABELS],
-        "obj_labels": {
-            "obj": (batch[B.OBJECT_LABELS], batch[B.OBJECT_CONFIDENCES]),
-            "attr": (batch[B.ATTRIBUTE_LABELS], batch[B.ATTRIBUTE_CONFIDENCES]),
-            "feat": (batch[B.FEATURE_TARGETS], batch[B.OBJECT_MASK]),
-        },
-    }
 
 
 def _lxtrain_logits(model: LxmertForPretraining, batch: dict[str, torch.Tensor]):
@@ -55,8 +31,8 @@ def check_parity(hf, model: LxmertForPretraining, batch: dict[str, torch.Tensor]
     """Every output and logit within PARITY_ATOL of HF, and the summed losses equal to HF's total."""
     with torch.no_grad():
         ours = _lxtrain_logits(model, batch)
-        hf_backbone = hf.lxmert(**_hf_inputs(batch))
-        hf_heads = hf(**_hf_inputs(batch))
+        hf_backbone = hf.lxmert(**convert.hf_model_inputs(batch))
+        hf_heads = hf(**convert.hf_model_inputs(batch))
         hf_visual = hf.obj_predict_head(hf_backbone.vision_output)
 
         _assert_close("language output", ours.backbone.language, hf_backbone.language_output)
@@ -73,13 +49,13 @@ def check_parity(hf, model: LxmertForPretraining, batch: dict[str, torch.Tensor]
         objectives = pretraining_objectives(
             model, batch, weights, visual_loss_normalizer=HF_VISUAL_LOSS_NORMALIZER
         )
-        labels = _hf_labels(batch)
-        hf_total = hf(**_hf_inputs(batch), **labels).loss
+        labels = convert.hf_pretraining_labels(batch)
+        hf_total = hf(**convert.hf_model_inputs(batch), **labels).loss
         # HF only reports a total; passing one target at a time isolates each of its terms.
-        hf_mlm = hf(**_hf_inputs(batch), labels=labels["labels"]).loss
-        hf_match = hf(**_hf_inputs(batch), matched_label=labels["matched_label"]).loss
-        hf_qa = hf(**_hf_inputs(batch), ans=labels["ans"]).loss
-        hf_visual_total = hf(**_hf_inputs(batch), obj_labels=labels["obj_labels"]).loss
+        hf_mlm = hf(**convert.hf_model_inputs(batch), labels=labels["labels"]).loss
+        hf_match = hf(**convert.hf_model_inputs(batch), matched_label=labels["matched_label"]).loss
+        hf_qa = hf(**convert.hf_model_inputs(batch), ans=labels["ans"]).loss
+        hf_visual_total = hf(**convert.hf_model_inputs(batch), obj_labels=labels["obj_labels"]).loss
 
     losses = objectives.losses
     assert set(losses) == set(TASKS)
