@@ -21,7 +21,6 @@ if __package__ in (None, ""):
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 
@@ -42,33 +41,13 @@ from lxtrain.tasks.objectives import (  # noqa: E402
     HF_VISUAL_LOSS_NORMALIZER,
     RELEASE_VISUAL_LOSS_NORMALIZER,
     TASKS,
+    ObjectiveOutput,
     PretrainingObjective,
 )
 from lxtrain.tasks.schedule import TaskSchedule, load_phases  # noqa: E402
 
 REQUEUE_MARKER = "REQUEUE"
 EXIT_NONFINITE = 3
-# Fault injection for the fault-tolerance suite (lxtrain.faults; never set in normal runs). Each
-# takes a comma-separated list: kill this process with SIGKILL right after optimiser step N, or
-# while saving the checkpoint of step N (every rank's files written, the COMPLETE marker not yet),
-# or replace the loss of micro-batch N with NaN.
-FAULT_SIGKILL_AT_STEP = "LXTRAIN_FAULT_SIGKILL_AT_STEP"
-FAULT_SIGKILL_IN_SAVE = "LXTRAIN_FAULT_SIGKILL_IN_SAVE"
-FAULT_NAN_AT_BATCH = "LXTRAIN_FAULT_NAN_AT_BATCH"
-FAULT_RANK = "LXTRAIN_FAULT_RANK"  # restrict the faults above to this rank (default: every rank)
-FAULT_LOG_PREFIX = "lxtrain fault injection:"  # what lxtrain.faults reads to time the detection
-
-
-def _fault_here(variable: str, value: int, rank: int) -> bool:
-    target_rank = os.environ.get(FAULT_RANK)
-    values = {item.strip() for item in os.environ.get(variable, "").split(",")}
-    return str(value) in values and (target_rank is None or target_rank == str(rank))
-
-
-def _kill_self(what: str, rank: int) -> None:
-    """SIGKILL this rank, first leaving a timestamped line for the fault suite's timing."""
-    print(f"{FAULT_LOG_PREFIX} SIGKILL rank {rank} {what} at {time.time():.3f}", file=sys.stderr, flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class StopRequested:
@@ -330,17 +309,39 @@ def _log_attention(
 
 
 class StepHooks:
-    """Callbacks at the training loop's fixed points: tools and tests observe a run through them.
+    """Callbacks at the training loop's fixed points: tools and tests observe a run through them,
+    and the fault suite breaks it there (``lxtrain.testing.fault_hooks``). Called on every rank; the
+    defaults do nothing.
 
-    ``step_begins(step)`` comes before the first micro-batch of step ``step + 1`` is fetched;
-    ``step_ends(step)`` right after optimiser step ``step``, before any logging, saving or
-    validation of that step. The defaults do nothing.
+    - ``step_begins(step)``: before the first micro-batch of step ``step + 1`` is fetched.
+    - ``after_forward(batches_done, output)``: right after the forward of micro-batch
+      ``batches_done`` (counted from 0 since the start of training; a resume continues the count),
+      before its loss is counted, checked for being finite and back-propagated; may replace
+      ``output.total``.
+    - ``step_ends(step)``: right after optimiser step ``step``, before any logging, saving or
+      validation of that step.
+    - ``step_logged(step)``: after step ``step`` is logged (on log steps), before its checkpoint and
+      validation; not called for a step that stops the run (a signal, too many non-finite losses).
+    - ``before_checkpoint_complete(step)``: inside the save of step ``step``'s checkpoint, once
+      every rank's files are written and before the ``COMPLETE`` marker.
+
+    The per-micro-batch hooks run inside the steps ``tests/test_syncs.py`` measures: one that reads
+    a device tensor back makes the host wait for the device there.
     """
 
     def step_begins(self, step: int) -> None:
         pass
 
+    def after_forward(self, batches_done: int, output: ObjectiveOutput) -> None:
+        pass
+
     def step_ends(self, step: int) -> None:
+        pass
+
+    def step_logged(self, step: int) -> None:
+        pass
+
+    def before_checkpoint_complete(self, step: int) -> None:
         pass
 
 
@@ -431,10 +432,14 @@ def run(
             "reason": reason,
             "config": dataclasses.asdict(cfg),
         }
-        kill_in_save = None
-        if _fault_here(FAULT_SIGKILL_IN_SAVE, step, info.rank):
-            kill_in_save = lambda: _kill_self(f"while saving step {step}", info.rank)  # noqa: E731
-        checkpoint.save(engine, checkpoint_dir, step, state, cfg.keep_last, before_complete=kill_in_save)
+        checkpoint.save(
+            engine,
+            checkpoint_dir,
+            step,
+            state,
+            cfg.keep_last,
+            before_complete=lambda: hooks.before_checkpoint_complete(step),
+        )
         distributed.print0(f"checkpoint saved at step {step} ({reason})")
 
     def exchanged(flag: bool, what: str) -> bool:
@@ -459,9 +464,7 @@ def run(
             batch = next(batches)
             data_wait += time.monotonic() - waited
             output = engine(batch, task_weights)
-            if _fault_here(FAULT_NAN_AT_BATCH, batches_done, info.rank):
-                print(f"{FAULT_LOG_PREFIX} NaN loss at micro-batch {batches_done} at {time.time():.3f}")
-                output.total = output.total * float("nan")
+            hooks.after_forward(batches_done, output)
             batches_done += 1
             meter.add(output)
             if check_on_host and exchanged(not bool(torch.isfinite(output.total)), "non-finite check"):
@@ -533,8 +536,7 @@ def run(
                 monitor.close()
                 distributed.print0("stopping on signal: checkpoint saved, exiting for requeue")
                 return 0
-            if _fault_here(FAULT_SIGKILL_AT_STEP, step, info.rank):
-                _kill_self(f"after step {step}", info.rank)
+            hooks.step_logged(step)
             epoch_end = batches_done % batches_per_epoch == 0
             if step % cfg.save_every == 0 or epoch_end or step == last_step:
                 save("epoch end" if epoch_end else "periodic" if step < last_step else "final")
@@ -563,7 +565,9 @@ def run(
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: StepHooks | None = None) -> int:
+    """The command line entry; ``hooks`` observe the loop (see :class:`StepHooks`): the fault
+    suite's entry, ``lxtrain/testing/pretrain_with_faults.py``, passes its fault hooks here."""
     try:
         cfg = parse_args(argv)
     except (ValueError, FileNotFoundError) as error:
@@ -574,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopRequested()
     info = distributed.init(cfg.collective_timeout_s)
     try:
-        return run(cfg, info, stop)
+        return run(cfg, info, stop, hooks)
     except (ValueError, FileNotFoundError, RuntimeError, engine_setup.ConfigError) as error:
         if distributed.is_lost_peer_error(error):  # a collective inside DeepSpeed (backward, step, save)
             distributed.fail_all(distributed.lost_peer_message(error, "in a collective"))

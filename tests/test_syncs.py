@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lxtrain.testing.faults import ENTRY, REPO, make_corpus, pretrain_command, pretrain_env
+from lxtrain.testing.faults import REPO, make_corpus, pretrain_command, pretrain_env
 
 PROBE = str(Path(__file__).with_name("sync_probe.py"))
 FIRST_STEP, LOG_EVERY, STEPS = 3, 4, 8  # counted: steps 3, 5, 6, 7
@@ -39,8 +39,8 @@ def probe(corpus: Path, output: Path, ranks: int, port: int) -> list[dict]:
         launcher=launcher,
         port=port,
         validation=False,
+        entry=PROBE,  # the probe takes pretrain.py's flags and runs its loop
     )
-    command = [PROBE if part == ENTRY else part for part in command]
     command += ["--log-every", str(LOG_EVERY), "--first-step", str(FIRST_STEP)]
     env = pretrain_env({"MASTER_PORT": str(port)})
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=420, cwd=REPO)

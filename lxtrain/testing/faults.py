@@ -2,13 +2,18 @@
 
     python -m lxtrain.testing.faults --out /tmp/faults  # every scenario, then a markdown table
 
-Each scenario runs ``lxtrain/pretrain.py`` (tiny model, ``ds_configs/cpu_tiny.json``, two gloo
-ranks through the ``deepspeed`` launcher, or ``sbatch`` on the local two-node Slurm cluster of
+Each scenario runs pre-training (tiny model, ``ds_configs/cpu_tiny.json``, two gloo ranks through
+the ``deepspeed`` launcher, or ``sbatch`` on the local two-node Slurm cluster of
 ``.ci/slurm_cluster.sh``), injects one fault, lets the run stop (or carry on), repairs what a user
 would repair, resubmits with ``--resume auto`` and compares the resumed per-step losses with an
 uninterrupted run's. Every cell of the table is measured: the time from the fault to the moment
 every rank has stopped (from timestamped log lines), the optimiser steps redone after the resume,
 and the largest relative loss difference. The process exits non-zero if any scenario fails.
+
+Runs launch the production entry ``lxtrain/pretrain.py``, except those whose environment sets an
+``LXTRAIN_FAULT_*`` variable (a kill -9 or a NaN on cue): they launch
+``lxtrain/testing/pretrain_with_faults.py``, the same run with the hooks of
+``lxtrain.testing.fault_hooks``, since the production entry does not read those variables.
 
 The helpers (launching pre-training, reading per-step losses, damaging shards, driving Slurm)
 are shared with the tests (``tests/test_pretrain.py``, ``tests/test_faults.py``, ``tests/test_slurm.py``).
@@ -35,11 +40,21 @@ from pathlib import Path
 import numpy as np
 
 from lxtrain import checkpoint
+from lxtrain.testing.fault_hooks import (
+    FAULT_LOG_PREFIX,
+    FAULT_NAN_AT_BATCH,
+    FAULT_RANK,
+    FAULT_SIGKILL_AT_STEP,
+    FAULT_SIGKILL_IN_SAVE,
+    FAULT_VARIABLE_PREFIX,
+)
 
 REPO = Path(__file__).resolve().parents[2]  # lxtrain/testing/faults.py -> the repository
-ENTRY = str(REPO / "lxtrain" / "pretrain.py")
+ENTRY = str(REPO / "lxtrain" / "pretrain.py")  # what users launch
+FAULT_ENTRY = str(REPO / "lxtrain" / "testing" / "pretrain_with_faults.py")  # ENTRY + fault hooks
+ENTRY_NAMES = frozenset({Path(ENTRY).name, Path(FAULT_ENTRY).name})  # how a rank process is recognised
 LOSS_TOLERANCE = 1e-6  # relative; fp32 on CPU resumes bit-exactly in practice
-FAULT_LINE = re.compile(r"lxtrain fault injection: .* at (\d+\.\d+)")
+FAULT_LINE = re.compile(rf"{re.escape(FAULT_LOG_PREFIX)} .* at (\d+\.\d+)")
 PROGRESS_LINE = re.compile(r"^step (\d+)/")
 RESUMED_LINE = re.compile(r"resumed from (\S+) at step (\d+)")
 
@@ -137,9 +152,10 @@ class Run:
                 argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
             except OSError:
                 continue
-            # `python [-u] .../pretrain.py ...`; launchers run a module or their own script instead.
+            # `python [-u] .../pretrain.py ...` (or the fault entry); launchers run a module or their
+            # own script instead.
             script = next((arg for arg in argv[1:] if not arg.startswith("-")), "")
-            if int(fields[2]) == group and script.endswith("pretrain.py"):
+            if int(fields[2]) == group and Path(script).name in ENTRY_NAMES:
                 members[int(entry.name)] = int(fields[1])  # pid -> parent pid
         # A data-loader worker is a fork of a rank, with the same command line.
         return sorted(pid for pid, parent in members.items() if parent not in members)
@@ -164,6 +180,12 @@ class Run:
         )
 
 
+def entry_for(extra_env: dict[str, str]) -> str:
+    """FAULT_ENTRY when these extra variables ask for a fault (the production entry ignores them),
+    else ENTRY: every run that needs no fault hook exercises what users launch."""
+    return FAULT_ENTRY if any(name.startswith(FAULT_VARIABLE_PREFIX) for name in extra_env) else ENTRY
+
+
 def pretrain_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.update(extra or {})
@@ -179,8 +201,10 @@ def pretrain_command(
     launcher: str = "deepspeed",
     port: int = 29610,
     validation: bool = True,
+    entry: str = ENTRY,
 ) -> list[str]:
-    """The command line users type: ``corpus`` holds ``train/`` (and ``valid/``) shard sets."""
+    """The command line users type: ``corpus`` holds ``train/`` (and ``valid/``) shard sets;
+    ``entry`` is the script the launcher runs (FAULT_ENTRY, or a probe, takes pretrain.py's flags)."""
     flags = [
         "--deepspeed_config",
         str(REPO / "ds_configs" / config),
@@ -199,7 +223,7 @@ def pretrain_command(
         flags += ["--valid-shards", str(corpus / "valid"), "--max-valid-batches", "2"]
     flags += list(args)
     if launcher == "deepspeed":
-        return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), ENTRY, *flags]
+        return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), entry, *flags]
     if launcher == "mpirun":
         return [
             "mpirun",
@@ -214,10 +238,10 @@ def pretrain_command(
             "-x",
             "PATH",
             sys.executable,
-            ENTRY,
+            entry,
             *flags,
         ]
-    return [sys.executable, ENTRY, *flags]
+    return [sys.executable, entry, *flags]
 
 
 def launch_pretrain(
@@ -228,10 +252,15 @@ def launch_pretrain(
     preexec_fn: Callable[[], None] | None = None,
     **options,
 ) -> Run:
-    """Start pre-training in the background (see :func:`pretrain_command` for ``options``)."""
+    """Start pre-training in the background (see :func:`pretrain_command` for ``options``).
+
+    An ``env`` that sets an ``LXTRAIN_FAULT_*`` variable launches FAULT_ENTRY unless ``entry`` is
+    given: the production entry ignores those variables.
+    """
     extra = dict(env or {})
     if options.get("launcher", "deepspeed") == "python":
         extra.setdefault("MASTER_PORT", str(options.get("port", 29610)))
+    options.setdefault("entry", entry_for(extra))
     return Run(pretrain_command(corpus, output, *args, **options), pretrain_env(extra), preexec_fn)
 
 
@@ -627,7 +656,7 @@ def kill_one_rank(suite: Suite) -> Row:
         suite,
         "kill_rank",
         "kill -9 of one rank (rank 1) mid-run",
-        env={"LXTRAIN_FAULT_SIGKILL_AT_STEP": str(step), "LXTRAIN_FAULT_RANK": "1"},
+        env={FAULT_SIGKILL_AT_STEP: str(step), FAULT_RANK: "1"},
         fault_time=_fault_line_time,
         expect=r"(?P<rank>--local_rank=1)'[^\n]*(?P<code>exits with return code = -9)",
     )
@@ -639,7 +668,7 @@ def kill_job_in_save(suite: Suite) -> Row:
         suite,
         "kill_in_save",
         "kill -9 of the whole job while writing a checkpoint",
-        env={"LXTRAIN_FAULT_SIGKILL_IN_SAVE": str(step)},
+        env={FAULT_SIGKILL_IN_SAVE: str(step)},
         fault_time=_fault_line_time,
         expect=r"SIGKILL rank \d while saving step \d+",
     )
@@ -732,9 +761,7 @@ def nan_loss(suite: Suite) -> Row:
     The comparison run skips the same micro-batches without stopping (--max-bad-steps 5).
     """
     bad = f"{suite.max_steps // 2},{suite.max_steps // 2 + 1}"
-    skipping = suite.run(
-        suite.work / "nan_reference", "--max-bad-steps", "5", env={"LXTRAIN_FAULT_NAN_AT_BATCH": bad}
-    )
+    skipping = suite.run(suite.work / "nan_reference", "--max-bad-steps", "5", env={FAULT_NAN_AT_BATCH: bad})
     if skipping.returncode != 0:
         return Row(
             "NaN in the loss", f"comparison run failed: {skipping.output[-300:]}", None, None, "-", False
@@ -744,7 +771,7 @@ def nan_loss(suite: Suite) -> Row:
         "nan",
         "NaN in the loss (2 micro-batches in a row, --max-bad-steps 2)",
         fault_extra=["--max-bad-steps", "2"],
-        env={"LXTRAIN_FAULT_NAN_AT_BATCH": bad},
+        env={FAULT_NAN_AT_BATCH: bad},
         fault_time=_fault_line_time,
         expect=r"non-finite losses in a row[^\n]*",
         expect_exit=lambda code: code == 3,
