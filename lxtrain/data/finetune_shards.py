@@ -32,11 +32,8 @@ malformed records are dropped (``bad_record``).
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import os
 import sys
-import tarfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -45,10 +42,17 @@ from pathlib import Path
 import numpy as np
 
 from lxtrain.data.answers import AnswerTable
-from lxtrain.data.index import ShardIndex, ShardInfo
+from lxtrain.data.index import ShardIndex, open_shard_set, shard_infos, write_index
 from lxtrain.data.obj36 import RegionFeatures, TsvLineError, parse_line
 from lxtrain.data.problems import ProblemLog
-from lxtrain.data.shard_format import INDEX_NAME, CorruptSampleError, iter_shard, load_npy, sample_key
+from lxtrain.data.shard_format import (
+    CorruptSampleError,
+    ShardWriter,
+    iter_shard,
+    load_npy,
+    npy_bytes,
+    sample_key,
+)
 
 FINETUNE_INDEX_FORMAT = "lxtrain-finetune/1"
 TASKS = ("vqa", "gqa", "nlvr2")
@@ -229,45 +233,18 @@ class FeatureStore:
 # Writing.
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
 def encode_group(regions: Sequence[RegionFeatures], examples: list[dict]) -> dict[str, bytes]:
     """Member suffix -> bytes of one sample."""
     members: dict[str, bytes] = {}
     for k, image in enumerate(regions):
-        members[f"features{k}.npy"] = _npy(image.features.astype(np.float16))
-        members[f"boxes{k}.npy"] = _npy(np.asarray(image.boxes, dtype=np.float32))
+        members[f"features{k}.npy"] = npy_bytes(image.features.astype(np.float16))
+        members[f"boxes{k}.npy"] = npy_bytes(np.asarray(image.boxes, dtype=np.float32))
     header = {
         "images": [{"img_id": r.img_id, "img_h": int(r.img_h), "img_w": int(r.img_w)} for r in regions],
         "examples": examples,
     }
     members["json"] = json.dumps(header, separators=(",", ":")).encode()
     return members
-
-
-class TarWriter:
-    """A shard written under ``NAME.tmp`` and renamed into place when complete (never half-trusted)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.tmp_path = path, path.with_name(path.name + ".tmp")
-        self._tar = tarfile.open(self.tmp_path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
-        self.count = 0
-
-    def write(self, members: dict[str, bytes]) -> None:
-        key = sample_key(self.count)
-        for suffix in sorted(members):
-            info = tarfile.TarInfo(f"{key}.{suffix}")
-            info.size, info.mode, info.mtime = len(members[suffix]), 0o444, 0
-            self._tar.addfile(info, io.BytesIO(members[suffix]))
-        self.count += 1
-
-    def close(self) -> None:
-        self._tar.close()
-        os.replace(self.tmp_path, self.path)
 
 
 @dataclass
@@ -313,7 +290,7 @@ def convert(config: ConvertTaskConfig) -> dict:
         stale.unlink()
     shards: list[dict] = []
     shape: tuple[int, int] | None = None
-    writer: TarWriter | None = None
+    writer: ShardWriter | None = None
     counts: list[int] = []
     labelled = 0
 
@@ -347,7 +324,7 @@ def convert(config: ConvertTaskConfig) -> dict:
                 continue
             if writer is None or writer.count >= config.shard_size:
                 finish()
-                writer, counts = TarWriter(config.out / f"{config.name}-{len(shards):06d}.tar"), []
+                writer, counts = ShardWriter(config.out / f"{config.name}-{len(shards):06d}.tar"), []
             writer.write(encode_group(regions, group.examples))
             counts.append(len(group.examples))
             labelled += sum(1 for example in group.examples if example["labelled"])
@@ -378,9 +355,7 @@ def convert(config: ConvertTaskConfig) -> dict:
         "seconds": round(time.perf_counter() - started, 2),
         "shards": shards,
     }
-    path = config.out / INDEX_NAME
-    path.with_name(INDEX_NAME + ".tmp").write_text(json.dumps(index, indent=1))
-    os.replace(path.with_name(INDEX_NAME + ".tmp"), path)
+    write_index(index, config.out)
     return index
 
 
@@ -434,60 +409,51 @@ class FinetuneIndex:
         """Samples ``start <= position < stop`` of one shard. A sample that cannot be decoded is
         yielded as a CorruptSampleError in its place (the caller counts and skips it); after a read
         error the rest of the shard is unreadable and iteration ends there."""
-        path = self.shards.shards[shard].path
-        for position, members in iter_shard(path, start, stop):
+        info = self.shards.shards[shard]
+        for position, members in iter_shard(info.url, start, stop):
             if isinstance(members, CorruptSampleError):
                 yield members
                 continue
             try:
                 yield decode_finetune_sample(
-                    members, self.images_per_sample, f"{path.name}:{sample_key(position)}"
+                    members, self.images_per_sample, f"{info.name}:{sample_key(position)}"
                 )
             except CorruptSampleError as error:
                 yield error
 
 
-def open_finetune_index(source: str | Path) -> FinetuneIndex:
-    """Open a fine-tuning shard directory (or its index.json); every listed shard must exist."""
-    path = Path(source)
-    index_path = path / INDEX_NAME if path.is_dir() else path
-    if not index_path.is_file():
-        raise FileNotFoundError(
-            f"{source}: no {INDEX_NAME} (fine-tuning shards are made by python -m lxtrain.data.finetune_shards)"
-        )
-    raw = json.loads(index_path.read_text())
-    if raw.get("format") != FINETUNE_INDEX_FORMAT:
-        raise ValueError(
-            f"{index_path}: not a fine-tuning shard index (format {raw.get('format')!r}, expected "
+def open_finetune_index(source: str | Path, index: str | Path | None = None) -> FinetuneIndex:
+    """Open a fine-tuning shard set from a directory, its index.json, a local pattern or URLs
+    (the sources of :mod:`lxtrain.data.index`); every selected shard must be readable.
+    ``index`` reads the index from there instead (a local path or a URL)."""
+    shard_set = open_shard_set(
+        source,
+        FINETUNE_INDEX_FORMAT,
+        lambda where, found: (
+            f"{where}: not a fine-tuning shard index (format {found!r}, expected "
             f"{FINETUNE_INDEX_FORMAT!r}); pre-training shards cannot be used for fine-tuning"
-        )
-    infos, sample_base, example_base = [], 0, 0
-    for entry in raw["shards"]:
-        shard_path = index_path.parent / entry["name"]
-        if not shard_path.is_file():
-            raise FileNotFoundError(f"shard {shard_path} listed in {index_path} is missing")
-        counts = np.asarray(entry["examples_per_sample"], dtype=np.int64)
-        bases = example_base + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        infos.append(
-            ShardInfo(shard_path, int(entry["samples"]), int(counts.sum()), counts, sample_base, bases)
-        )
-        sample_base += int(entry["samples"])
-        example_base += int(counts.sum())
+        ),
+        "fine-tuning shards are made by python -m lxtrain.data.finetune_shards",
+        index,
+    )
+    raw = shard_set.raw
+    infos = shard_infos(shard_set.entries, "samples", "examples_per_sample")
     view = ShardIndex(
-        root=index_path.parent,
+        root=shard_set.root,
         name=raw.get("name", ""),
         boxes_per_image=int(raw["boxes_per_image"]),
         feature_dim=int(raw["feature_dim"]),
         answers=list(raw["answers"] or []),
         shards=infos,
         raw=raw,
+        location=shard_set.location,
     )
     return FinetuneIndex(
         task=raw["task"],
         answers=raw["answers"],
         images_per_sample=int(raw["images_per_sample"]),
         labelled=int(raw["totals"]["labelled"]),
-        examples=example_base,
+        examples=view.sentences,
         shards=view,
         raw=raw,
     )

@@ -45,7 +45,15 @@ from lxtrain.data.plan import SlotPlan, shard_order, slot_bounds, slot_plan
 from lxtrain.data.problems import DataError
 from lxtrain.data.ring import PinnedSlots, RingBatch, RingReceiver, SharedRing, stage_batches
 from lxtrain.data.sampler import SentenceBuffer
-from lxtrain.data.shard_format import CorruptSampleError, ImageSample, decode_sample, iter_shard, sample_key
+from lxtrain.data.shard_format import (
+    CorruptSampleError,
+    ImageSample,
+    ShardReadError,
+    decode_sample,
+    iter_shard,
+    sample_key,
+    shard_label,
+)
 from lxtrain.data.tokenizer import MAX_LENGTH, WordPieceEncoder
 
 log = logging.getLogger("lxtrain.data")
@@ -58,6 +66,10 @@ _STRUCTURE, _CONTENT = 0, 1  # random-stream tags: buffer bookkeeping vs per-bat
 DAMAGED_SHARD_FIX = (
     "The shard is damaged: re-run the conversion that wrote it (python -m lxtrain.data.make_shards, "
     "or lxtrain.data.synthetic --shards) or restore it from a copy, then rerun with --resume auto"
+)
+UNREADABLE_SHARD_FIX = (
+    "The shard could not be read: check that its URL or pipe: command works in a shell on this "
+    "machine (network, credentials, path), then rerun with --resume auto"
 )
 
 
@@ -150,15 +162,17 @@ class _ImageSource:
         while end < len(self.plan) and self.plan.shard[end] == shard:
             end += 1
         self._run_end = end
-        path = self.index.shards[shard].path
         self._items = iter_shard(
-            path, int(self.plan.position[position]), int(self.plan.position[end - 1]) + 1
+            self.index.shards[shard].url,
+            int(self.plan.position[position]),
+            int(self.plan.position[end - 1]) + 1,
         )
         self._pending = None
 
-    def _bad(self, message: str) -> None:
+    def _bad(self, message: str, unreadable: bool = False) -> None:
         if self.strict:
-            raise DataError(f"{message}. {DAMAGED_SHARD_FIX}")
+            # A failed transfer is not a damaged shard: re-converting would not help.
+            raise DataError(f"{message}. {UNREADABLE_SHARD_FIX if unreadable else DAMAGED_SHARD_FIX}")
         with self.counter.get_lock():
             self.counter.value += 1
         log.warning("skipping corrupt sample: %s (%d skipped so far)", message, self.counter.value)
@@ -169,8 +183,8 @@ class _ImageSource:
             self._open(position)
         self._next = position + 1
         want = int(self.plan.position[position])
-        shard_path = self.index.shards[self.plan.shard[position]].path
-        where = f"{shard_path.name}: sample {sample_key(want)}"
+        shard = self.index.shards[self.plan.shard[position]]
+        where = f"{shard_label(shard.url)}: sample {sample_key(want)}"
         while True:
             item = self._pending or next(self._items, None)
             self._pending = None
@@ -191,7 +205,7 @@ class _ImageSource:
             if not image.sentences:
                 raise CorruptSampleError(f"{where}: no sentences")
         except CorruptSampleError as error:
-            self._bad(str(error))
+            self._bad(str(error), unreadable=isinstance(error, ShardReadError))
             return None
         return image
 
@@ -487,24 +501,28 @@ def build_pretrain_loader(
     epoch: int = 0,
     num_workers: int = 2,
     tokenizer: str | None = None,
+    shard_index: str | Path | None = None,
     **options,
 ) -> PretrainLoader:
     """The training loader of one rank.
 
     Args:
-        shards: a shard directory, its ``index.json``, or a tar glob/brace pattern.
+        shards: a shard directory, its ``index.json``, a tar glob/brace pattern, or shard URLs
+            (``pipe:...``, ``https://...``; a brace pattern of them) or an index URL; see
+            :mod:`lxtrain.data.index`.
         batch_size: examples per batch on this rank.
         rank, world_size: this rank and the number of ranks.
         seed: data seed.
         epoch: the epoch the first iteration yields.
         num_workers: data-loader processes per rank.
         tokenizer: None for the packaged BERT uncased vocabulary, else a path or local model name.
+        shard_index: read the index from here (a local path or URL) instead of next to the shards.
         **options: further :class:`LoaderConfig` fields.
     """
     config = LoaderConfig(
         batch_size=batch_size, seed=seed, num_workers=num_workers, tokenizer=tokenizer, **options
     )
-    loader = PretrainLoader(open_index(shards), config, rank, world_size, fixed_epoch=False)
+    loader = PretrainLoader(open_index(shards, shard_index), config, rank, world_size, fixed_epoch=False)
     loader.set_epoch(epoch)
     return loader
 
@@ -517,6 +535,7 @@ def build_valid_loader(
     seed: int = 0,
     num_workers: int = 2,
     tokenizer: str | None = None,
+    shard_index: str | Path | None = None,
     **options,
 ) -> PretrainLoader:
     """The deterministic validation loader: every sentence once, no shuffling, the same masks
@@ -526,4 +545,4 @@ def build_valid_loader(
     config = LoaderConfig(
         batch_size=batch_size, seed=seed, num_workers=num_workers, tokenizer=tokenizer, **options
     )
-    return PretrainLoader(open_index(shards), config, rank, world_size, fixed_epoch=True)
+    return PretrainLoader(open_index(shards, shard_index), config, rank, world_size, fixed_epoch=True)

@@ -19,7 +19,6 @@ and skipped; ``--strict`` stops at the first one.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing
 import os
@@ -32,10 +31,11 @@ from pathlib import Path
 
 from lxtrain.batch import QA_SOURCE_NAMES, SENTENCE_SOURCE_NAMES
 from lxtrain.data.answers import AnswerTable, load_answer_table
+from lxtrain.data.index import write_index
 from lxtrain.data.obj36 import TsvLineError, parse_line
 from lxtrain.data.problems import MAX_KEPT_MESSAGES, DataError, ProblemLog
 from lxtrain.data.sentences import load_sentences
-from lxtrain.data.shard_format import INDEX_FORMAT, INDEX_NAME, ShardWriter, encode_sample
+from lxtrain.data.shard_format import INDEX_FORMAT, ShardWriter, encode_sample
 
 
 @dataclass
@@ -385,15 +385,6 @@ def build_index(
         "seconds": round(seconds, 2),
         "shards": shards,
     }
-
-
-def write_index(index: dict, out: Path) -> Path:
-    """Write ``index.json`` atomically (temp file, then rename)."""
-    path = Path(out) / INDEX_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, path)
-    return path
 
 
 def _prepare_out(config: ConvertConfig) -> None:

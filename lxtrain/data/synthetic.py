@@ -36,6 +36,7 @@ import numpy as np
 from lxtrain.batch import QA_SOURCE_NAMES
 from lxtrain.data import make_shards
 from lxtrain.data.answers import load_answer_table
+from lxtrain.data.index import write_index
 from lxtrain.data.obj36 import RegionFeatures, format_line
 from lxtrain.data.problems import ProblemLog
 from lxtrain.data.sentences import convert_record
@@ -383,7 +384,7 @@ def write_direct_shards(config: SyntheticConfig) -> dict[str, dict]:
             {"synthetic": {"split": split, "seed": config.seed, "world": config.world.__dict__}},
             time.perf_counter() - started,
         )
-        make_shards.write_index(index, config.out / "shards" / name)
+        write_index(index, config.out / "shards" / name)
         indexes[name] = index
     return indexes
 
