@@ -164,7 +164,7 @@ class TaskMeter:
 
     def reduce(self) -> tuple[dict[str, float], dict[str, float]]:
         """(mean loss per task, accuracy per task) over all ranks; a collective."""
-        stacked = self.sums.cpu()
+        stacked = self.sums.cpu().clone()  # .cpu() of a CPU tensor is the tensor itself
         if dist.is_initialized():
             distributed.all_reduce_(stacked)
         loss_sum, loss_count, correct, labelled = stacked
@@ -175,7 +175,8 @@ class TaskMeter:
     def health(self) -> tuple[int, int, int]:
         """(non-finite micro-batches, longest run of them, masked-LM labels over capacity) in this
         window: summed over ranks, the run the longest on any rank; a collective."""
-        summed, longest = self.events.cpu(), self.events[1:2].cpu()
+        # Copies: .cpu() of a CPU tensor is the tensor itself, and the two reductions differ.
+        summed, longest = self.events.cpu().clone(), self.events[1:2].cpu().clone()
         if dist.is_initialized():
             distributed.all_reduce_(summed)
             distributed.all_reduce_(longest, op=dist.ReduceOp.MAX)
