@@ -43,11 +43,13 @@ class PretrainConfig:
     deepspeed_config: str
     """DeepSpeed JSON (ds_configs/*.json): batch sizes, precision, ZeRO stage, optimiser, LR schedule."""
     train_shards: str
-    """Training shard directory (holding index.json) or its index.json."""
+    """Training shards: a directory with index.json, an index.json, or shard paths/URLs (pipe:, https, {a..b})."""
     output_dir: str
     """Run directory: checkpoints/, tensorboard/, export/, logs."""
     valid_shards: str | None = None
-    """Validation shard directory (mscoco_minival-style); validation is skipped without it."""
+    """Validation shards (mscoco_minival-style), in any form --train-shards takes; no validation without."""
+    train_shard_index: str | None = None
+    """The training shards' index.json (path or URL) when it is not next to them (URL sources)."""
     model: str = "base"
     """Model size: tiny | small | base (LXMERT-base, 228M), or a JSON file of LxmertConfig fields."""
     epochs: float = 20.0

@@ -86,6 +86,7 @@ class PretrainData:
         # Validation keeps the uniform masks, so its accuracies compare across recipes.
         self.train = build_pretrain_loader(
             cfg.train_shards,
+            shard_index=cfg.train_shard_index,
             strict=True,
             object_word_ids=tuple(self.object_word_ids),
             object_word_mask_probability=cfg.object_word_mask_probability,
