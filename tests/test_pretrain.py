@@ -203,6 +203,9 @@ def test_nonfinite_losses_are_skipped_then_stop_with_a_checkpoint(corpus, tmp_pa
             {"args": ["--object-word-mask-probability", "0.5"]},
             "--object-word-mask-probability needs --object-words",
         ),
+        ({"args": ["--compile", "cudagraphs"]}, "--compile cudagraphs: CUDA graphs need a CUDA GPU"),
+        ({"args": ["--compile", "fast"]}, "--compile 'fast' is not one of"),
+        ({"args": ["--train-shard-index", "/no/such/index.json"]}, "/no/such/index.json"),
     ],
 )
 def test_bad_input_fails_before_training_with_a_clear_message(corpus, tmp_path, change, message):
