@@ -1,7 +1,7 @@
 # The commands the README documents. Python is whatever `python3` is on PATH.
 PYTHON ?= python3
 
-.PHONY: install demo demo-grounding test test-all lint
+.PHONY: install demo demo-grounding test test-system test-all lint
 
 install:  ## CPU install: the pinned CPU torch first (a plain `torch` pulls a multi-GB CUDA build)
 	$(PYTHON) -m pip install -q torch==2.13.0
@@ -13,8 +13,11 @@ demo: install  ## synthetic corpus -> shards -> a few minutes of DeepSpeed pre-t
 demo-grounding: install  ## the grounding setting: ~5,200 steps in an easier world, where QA and object-word grounding show (~60 min on 2 cores)
 	$(PYTHON) -m lxtrain.demo --setting grounding
 
-test:  ## the test suite CI runs (Slurm tests run when .ci/slurm_cluster.sh has started the local cluster)
-	$(PYTHON) -m pytest -q -m "not slow and not gpu"
+test:  ## fast feedback: unit tests, parity, in-process checks (no launched processes, no Inductor builds)
+	$(PYTHON) -m pytest -q -m "not slow and not gpu and not multiproc and not inductor"
+
+test-system:  ## launched runs (deepspeed/mpirun/gloo ranks, Slurm when .ci/slurm_cluster.sh started it, faults) and Inductor builds
+	$(PYTHON) -m pytest -q -m "(multiproc or inductor) and not slow and not gpu"
 
 test-all:  ## everything, the full-size checks included
 	$(PYTHON) -m pytest -q

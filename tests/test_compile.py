@@ -33,6 +33,7 @@ def test_model_and_objective_trace_as_one_graph():
     assert explained.graph_count == 1
 
 
+@pytest.mark.inductor
 def test_compiled_step_gives_eager_losses_over_three_steps(monkeypatch):
     # Inductor draws dropout masks with its own generator unless told to use eager's.
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)

@@ -64,6 +64,7 @@ def check(reports: list[dict]) -> None:
             print(f"  {count:4d}  {where}", file=sys.stderr)
 
 
+@pytest.mark.multiproc  # the probe is a launched process (one rank, the loop in-process with the counter)
 def test_one_rank_in_process_loop_reads_nothing_back_between_log_steps(corpus, tmp_path):
     check(probe(corpus, tmp_path, ranks=1, port=29631))
 
