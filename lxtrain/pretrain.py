@@ -421,7 +421,7 @@ def run(
     # --max-bad-steps. Elsewhere every micro-batch's loss is checked on the host and a bad one
     # is dropped before backward.
     check_on_host = not engine_setup.skips_nonfinite_steps(ds_config)
-    bad_total = 0
+    bad_total, bad_in_a_row_on_host = 0, 0
     window_start, data_wait = time.monotonic(), 0.0
     window_steps = 0
     phase = ""
@@ -443,6 +443,15 @@ def run(
             before_complete=lambda: hooks.before_checkpoint_complete(step),
         )
         distributed.print0(f"checkpoint saved at step {step} ({reason})")
+
+    def stop_on_nonfinite(in_a_row: int) -> int:
+        save("non-finite losses")
+        monitor.close()
+        distributed.print0(
+            f"error: {in_a_row} non-finite losses in a row by step {step}; stopped with the last good "
+            f"weights saved in {checkpoint_dir}"
+        )
+        return EXIT_NONFINITE
 
     def exchanged(flag: bool, what: str) -> bool:
         try:
@@ -469,8 +478,14 @@ def run(
             hooks.after_forward(batches_done, output)
             batches_done += 1
             meter.add(output)
-            if check_on_host and exchanged(not bool(torch.isfinite(output.total)), "non-finite check"):
-                continue  # every rank drops this micro-batch: no backward, no step
+            if check_on_host:
+                bad = exchanged(not bool(torch.isfinite(output.total)), "non-finite check")
+                bad_in_a_row_on_host = bad_in_a_row_on_host + 1 if bad else 0
+                if bad_in_a_row_on_host >= cfg.max_bad_steps:
+                    # Now, not at the next log step: dropped micro-batches never reach a step.
+                    return stop_on_nonfinite(bad_in_a_row_on_host)
+                if bad:
+                    continue  # every rank drops this micro-batch: no backward, no step
             engine.backward(output.total)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
@@ -524,12 +539,7 @@ def run(
                 )
                 window_start, data_wait, window_steps = time.monotonic(), 0.0, 0
                 if longest_run >= cfg.max_bad_steps:
-                    save("non-finite losses")
-                    distributed.print0(
-                        f"error: {longest_run} non-finite losses in a row by step {step}; stopped with the "
-                        f"last good weights saved in {checkpoint_dir}"
-                    )
-                    return EXIT_NONFINITE
+                    return stop_on_nonfinite(longest_run)
 
             if stop_requested:
                 save(f"signal {stop.signal_name or 'on another rank'}")

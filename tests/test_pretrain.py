@@ -193,6 +193,33 @@ def test_nonfinite_losses_are_skipped_then_stop_with_a_checkpoint(corpus, tmp_pa
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
 
 
+def test_nonfinite_loss_without_deepspeed_skip_is_dropped_on_the_host(corpus, tmp_path):
+    # ZeRO-0 in fp32: DeepSpeed would apply a NaN step (docs/engine.md), so each micro-batch's loss
+    # is checked on the host; a bad one is dropped and the limit acts at once, between steps.
+    config = json.loads((REPO / "ds_configs" / "cpu_tiny.json").read_text())
+    config["zero_optimization"] = {"stage": 0}
+    (tmp_path / "zero0.json").write_text(json.dumps(config))
+    result = run_pretrain(
+        corpus,
+        tmp_path / "run",
+        "--deepspeed_config",
+        str(tmp_path / "zero0.json"),
+        "--max-steps",
+        "6",
+        "--max-bad-steps",
+        "1",
+        "--no-export",
+        ranks=1,
+        launcher="python",
+        env={"LXTRAIN_FAULT_NAN_AT_BATCH": "3"},
+        port=29617,
+    )
+    assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "1 non-finite losses in a row by step 1" in result.stdout
+    assert (tmp_path / "run" / "checkpoints" / "step00000001" / "COMPLETE").exists()
+    assert sorted(step_losses(tmp_path / "run")) == [1]
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
