@@ -86,6 +86,11 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+# Set by init(): the bound on every collective, and the gloo group of control_group().
+_collective_timeout = datetime.timedelta(seconds=300)
+_control_group: dist.ProcessGroup | None = None
+
+
 def init(timeout_s: float = 300.0) -> DistributedInfo:
     """Discover the launcher and start the process group (gloo on CPU, nccl on GPUs).
 
@@ -108,10 +113,6 @@ def init(timeout_s: float = 300.0) -> DistributedInfo:
             world_size=info.world_size,
         )
     return info
-
-
-_collective_timeout = datetime.timedelta(seconds=300)
-_control_group: dist.ProcessGroup | None = None
 
 
 def control_group() -> dist.ProcessGroup:
