@@ -107,6 +107,8 @@ class PretrainConfig:
     mlm_capacity: float = DEFAULT_MLM_CAPACITY
     """Share of a micro-batch's B x T positions the masked-LM head evaluates (a fixed shape: no sync);
     masked words beyond it are left out and counted (train/mlm_over_capacity)."""
+    verbose: bool = False
+    """Also show DeepSpeed's, torch's and Python warnings' INFO/WARNING output on the console (always in OUTPUT_DIR/logs/rank<N>.log)."""
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -65,6 +66,12 @@ DEMO_SETTINGS: dict[str, dict[str, object]] = {
 }
 # The PNG of the validation curves, written next to summary.json.
 CURVES_NAME = "validation_curves.png"
+# Launcher output kept off the console (still in RUN/logs/launcher.log): DeepSpeed's log lines
+# below ERROR, from the launcher processes and the ranks' import-time lines, and the line its op
+# builder prints. ERROR lines, tracebacks and lxtrain's own lines do not match.
+LIBRARY_LINE = re.compile(
+    r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[(DEBUG|INFO|WARNING)\]|^DeepSpeed \S+ built successfully$"
+)
 OBJECT_WORDS = "dog,cat,car,bus,horse,bird,chair,cup,ball,boat,truck,cow,bike,tree,table,bottle"
 
 
@@ -122,6 +129,7 @@ def pretrain_command(run_dir: Path, shards: Path, args: argparse.Namespace, *ext
         "--object-words",
         OBJECT_WORDS,
         "--no-export",
+        *(["--verbose"] if args.verbose else []),
         *(
             ["--object-word-mask-probability", str(args.object_word_mask_probability)]
             if args.object_word_mask_probability is not None
@@ -135,7 +143,22 @@ def pretrain(run_dir: Path, shards: Path, args: argparse.Namespace, *extra: str)
     """Run one demo pre-training; returns its validation records, in step order."""
     command = pretrain_command(run_dir, shards, args, *extra)
     print("$ " + " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=REPO)
+    launcher_log = run_dir / "logs" / "launcher.log"
+    launcher_log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"launcher output: {launcher_log}; library logs: {run_dir / 'logs'}/rank<N>.log", flush=True)
+    # One pipe for both streams: the log keeps them in the order they came.
+    with (
+        open(launcher_log, "a", encoding="utf-8") as log,
+        subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        ) as process,
+    ):
+        for line in process.stdout:
+            log.write(line)
+            if args.verbose or not LIBRARY_LINE.match(line):
+                print(line, end="", flush=True)
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, command)
     return read_validation(run_dir / "validation.jsonl")
 
 
@@ -172,6 +195,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--port", type=int, default=29650)
     parser.add_argument("--no-control", action="store_true", help="skip the zero-visual-input control run")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the launcher's and libraries' INFO/WARNING lines too (always in RUN/logs/)",
+    )
     return resolve_setting(parser.parse_args(argv))
 
 

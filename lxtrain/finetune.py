@@ -29,7 +29,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from lxtrain import checkpoint, distributed  # noqa: E402
+from lxtrain import checkpoint, console, distributed  # noqa: E402
 from lxtrain import engine as engine_setup  # noqa: E402
 from lxtrain.batch import to_device  # noqa: E402
 from lxtrain.data.finetune_shards import FinetuneIndex, open_finetune_index  # noqa: E402
@@ -339,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lxtrain/finetune.py: error: {error}", file=sys.stderr)
         return 2
     stop = StopRequested()
+    # Before distributed.init: DeepSpeed's process-group start-up already logs on every rank.
+    console.route_library_output(cfg.output_dir, distributed.discover().rank, cfg.verbose)
     info = distributed.init(cfg.collective_timeout_s)
     try:
         return run(cfg, info, stop)

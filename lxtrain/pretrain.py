@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from lxtrain import batch as B  # noqa: E402
-from lxtrain import checkpoint, compiling, distributed  # noqa: E402
+from lxtrain import checkpoint, compiling, console, distributed  # noqa: E402
 from lxtrain import engine as engine_setup
 from lxtrain.config import PretrainConfig, parse_args  # noqa: E402
 from lxtrain.data.loader import build_pretrain_loader, build_valid_loader  # noqa: E402
@@ -588,6 +588,8 @@ def main(argv: list[str] | None = None, hooks: StepHooks | None = None) -> int:
     # Handlers go in before the slow start-up (imports, engine, resume): a pre-emption signal that
     # arrives then still ends in a requeue rather than a lost job.
     stop = StopRequested()
+    # Before distributed.init: DeepSpeed's process-group start-up already logs on every rank.
+    console.route_library_output(cfg.output_dir, distributed.discover().rank, cfg.verbose)
     info = distributed.init(cfg.collective_timeout_s)
     try:
         return run(cfg, info, stop, hooks)

@@ -59,6 +59,11 @@ class FinetuneConfig:
     export: bool = _field(
         True, "write fp32 fine-tuned models: RUN/export (final) and RUN/best (best validation)"
     )
+    verbose: bool = _field(
+        False,
+        "also show DeepSpeed's, torch's and Python warnings' INFO/WARNING output on the console "
+        "(always in OUTPUT_DIR/logs/rank<N>.log)",
+    )
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
