@@ -23,9 +23,6 @@ import torch
 
 AUTO, OFF, DEFAULT, CUDAGRAPHS = "auto", "off", "default", "cudagraphs"
 COMPILE_MODES = (AUTO, OFF, DEFAULT, CUDAGRAPHS)
-# Every failure torch.compile reports at the first call (graph breaks under fullgraph, backend
-# and C++ compiler errors) derives from this class.
-COMPILE_ERRORS: tuple[type[BaseException], ...] = (torch._dynamo.exc.TorchDynamoException,)
 # A curriculum turns tasks on and off and weighs them: each distinct set is its own graph.
 RECOMPILE_LIMIT = 64
 
@@ -76,10 +73,21 @@ def resolve_compile_mode(requested: str, device: torch.device | str, zero_stage:
     return requested
 
 
+def is_compile_error(error: BaseException) -> bool:
+    """Whether ``error`` is torch.compile's (graph breaks under fullgraph, backend and C++ compiler
+    errors all derive from TorchDynamoException). torch._dynamo is imported here, not at module
+    import: it imports Triton, whose kernels' mode (compiled or interpreted) is then fixed."""
+    import torch._dynamo.exc
+
+    return isinstance(error, torch._dynamo.exc.TorchDynamoException)
+
+
 def compile_step(function: Callable[..., Any], mode: str) -> Callable[..., Any] | None:
     """``function`` compiled as one static-shape graph, or None for eager (``off``)."""
     if mode == OFF:
         return None
+    import torch._dynamo.config
+
     if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
         torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     options = {"mode": "reduce-overhead"} if mode == CUDAGRAPHS else {}

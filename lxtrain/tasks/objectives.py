@@ -270,7 +270,9 @@ class PretrainingObjective(torch.nn.Module):
         check_task_weights(task_weights)  # a clear error, not a tracing failure
         try:
             return self._compiled(tensors, dict(task_weights))
-        except compiling.COMPILE_ERRORS as error:
+        except Exception as error:
+            if not compiling.is_compile_error(error):
+                raise
             if not self.compile_fallback:
                 raise compiling.CompileFailed(self.compile_mode, error) from error
             compiling.report_fallback(error)
