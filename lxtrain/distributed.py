@@ -91,15 +91,16 @@ _collective_timeout = datetime.timedelta(seconds=300)
 _control_group: dist.ProcessGroup | None = None
 
 
-def init(timeout_s: float = 300.0) -> DistributedInfo:
+def init(timeout_s: float = 300.0, info: DistributedInfo | None = None) -> DistributedInfo:
     """Discover the launcher and start the process group (gloo on CPU, nccl on GPUs).
 
     ``timeout_s`` bounds every collective: a rank that dies makes the others fail within it
-    instead of hanging forever.
+    instead of hanging forever. ``info``: what :func:`discover` already returned, if it was called.
     """
     global _collective_timeout
     _collective_timeout = datetime.timedelta(seconds=timeout_s)
-    info = discover()
+    # discover() fills in RANK/WORLD_SIZE: a second call would then name the launcher "env".
+    info = info or discover()
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():

@@ -340,8 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stop = StopRequested()
     # Before distributed.init: DeepSpeed's process-group start-up already logs on every rank.
-    console.route_library_output(cfg.output_dir, distributed.discover().rank, cfg.verbose)
-    info = distributed.init(cfg.collective_timeout_s)
+    info = distributed.discover()
+    console.route_library_output(cfg.output_dir, info.rank, cfg.verbose)
+    info = distributed.init(cfg.collective_timeout_s, info)
     try:
         return run(cfg, info, stop)
     except (ValueError, FileNotFoundError, RuntimeError, engine_setup.ConfigError) as error:

@@ -589,8 +589,9 @@ def main(argv: list[str] | None = None, hooks: StepHooks | None = None) -> int:
     # arrives then still ends in a requeue rather than a lost job.
     stop = StopRequested()
     # Before distributed.init: DeepSpeed's process-group start-up already logs on every rank.
-    console.route_library_output(cfg.output_dir, distributed.discover().rank, cfg.verbose)
-    info = distributed.init(cfg.collective_timeout_s)
+    info = distributed.discover()
+    console.route_library_output(cfg.output_dir, info.rank, cfg.verbose)
+    info = distributed.init(cfg.collective_timeout_s, info)
     try:
         return run(cfg, info, stop, hooks)
     except (ValueError, FileNotFoundError, RuntimeError, engine_setup.ConfigError) as error:
