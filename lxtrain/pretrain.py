@@ -410,7 +410,8 @@ def run(
             f"lxtrain: {info.world_size} rank(s) via {info.launcher}, {engine_setup.precision(ds_config)}, "
             f"ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)}, "
             f"{sum(p.numel() for p in engine.module.parameters()) / 1e6:.1f}M params, "
-            f"{steps_per_epoch} steps/epoch, {last_step} steps, recipe {cfg.recipe}"
+            f"{steps_per_epoch} steps/epoch, {last_step} steps, recipe {cfg.recipe}, "
+            f"compile {engine.module.compile_mode}"
         )
     flops_per_sample = training_flops_per_sample(model_config)
     peak_tflops = cfg.peak_tflops or detect_peak_tflops()

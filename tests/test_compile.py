@@ -13,6 +13,7 @@ from lxtrain.model.config import LxmertConfig
 from lxtrain.model.lxmert import LxmertForPretraining
 from lxtrain.tasks import objectives
 from lxtrain.tasks.objectives import TASKS, PretrainingObjective
+from lxtrain.testing.faults import make_corpus, run_pretrain, step_losses
 
 ALL_TASKS = dict.fromkeys(TASKS, 1.0)
 
@@ -119,3 +120,32 @@ def test_resolved_mode(requested, device, stage, expected):
 def test_modes_that_cannot_work_are_refused(requested, device, stage, message):
     with pytest.raises(ValueError, match=message):
         compiling.resolve_compile_mode(requested, device, stage)
+
+
+@pytest.mark.inductor
+@pytest.mark.multiproc
+def test_pretrain_compiles_inside_the_deepspeed_engine_on_two_ranks(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    losses = {}
+    for mode, port in (("off", 29641), ("default", 29642)):
+        result = run_pretrain(
+            corpus,
+            tmp_path / mode,
+            "--max-steps",
+            "3",
+            "--no-export",
+            "--compile",
+            mode,
+            port=port,
+            timeout=900,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert f"compile {mode}" in result.stdout  # compiled, not fallen back (a named mode never falls back)
+        losses[mode] = step_losses(tmp_path / mode)
+    assert sorted(losses["default"]) == [1, 2, 3]
+    for step, eager in losses["off"].items():
+        compiled = losses["default"][step]
+        assert compiled.keys() == eager.keys()
+        # Dropout masks differ (Inductor's generator), so close, not equal: a wrong graph is far off.
+        for task, value in eager.items():
+            assert compiled[task] == pytest.approx(value, rel=0.02), (step, task)
