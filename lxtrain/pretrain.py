@@ -165,7 +165,8 @@ class TaskMeter:
 
     def reduce(self) -> tuple[dict[str, float], dict[str, float]]:
         """(mean loss per task, accuracy per task) over all ranks; a collective."""
-        stacked = self.sums.cpu().clone()  # .cpu() of a CPU tensor is the tensor itself
+        # Always a copy (.cpu() of a CPU tensor is the tensor itself): the all-reduce is in place.
+        stacked = self.sums.to("cpu", copy=True)
         if dist.is_initialized():
             distributed.all_reduce_(stacked)
         loss_sum, loss_count, correct, labelled = stacked
@@ -176,8 +177,8 @@ class TaskMeter:
     def health(self) -> tuple[int, int, int]:
         """(non-finite micro-batches, longest run of them, masked-LM labels over capacity) in this
         window: summed over ranks, the run the longest on any rank; a collective."""
-        # Copies: .cpu() of a CPU tensor is the tensor itself, and the two reductions differ.
-        summed, longest = self.events.cpu().clone(), self.events[1:2].cpu().clone()
+        # Copies (one each, on any device): the two in-place reductions differ.
+        summed, longest = self.events.to("cpu", copy=True), self.events[1:2].to("cpu", copy=True)
         if dist.is_initialized():
             distributed.all_reduce_(summed)
             distributed.all_reduce_(longest, op=dist.ReduceOp.MAX)
