@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from lxtrain.data.synthetic import World
+from lxtrain.synthetic.pretraining import World
 
 REPO = Path(__file__).resolve().parent.parent
 VALID_SPLIT = {"vqa": "minival", "gqa": "testdev", "nlvr2": "valid"}
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 sys.executable,
                 "-m",
-                "lxtrain.data.synthetic",
+                "lxtrain.synthetic.pretraining",
                 "--out",
                 str(corpus),
                 "--images",
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 sys.executable,
                 "-m",
-                "lxtrain.data.synthetic_tasks",
+                "lxtrain.synthetic.finetuning",
                 "--out",
                 str(tasks_dir),
                 "--images",

@@ -14,7 +14,7 @@
 # and OUT_DIR/results.md, with every figure's ratio to HF and the issue's goals as met / not met.
 # Stages, in the order they run (the goals' figures first, "if time allows" last):
 #   setup   carried wheels if deepspeed/webdataset are missing; environment.json; a synthetic corpus
-#           (lxtrain.data.synthetic, 2048-d features) big enough for the full run's steps in one epoch,
+#           (lxtrain.synthetic.pretraining, 2048-d features) big enough for the full run's steps in one epoch,
 #           while DeepSpeed's FusedAdam is JIT-built in the background (GPU); the DeepSpeed JSON for
 #           world size 1 (ds_configs/zero2_bf16.json, micro-batch = BATCH).
 #   (a) loader   the training loader alone as pretrain.py builds it: examples/s after the first
@@ -181,7 +181,7 @@ corpus=$out/corpus
 if [[ ! -f "$corpus/shards/train/index.json" ]]; then
   images=$(( (batch * (steps + 2)) / 5 + 64 ))
   log "synthetic corpus: $images images, ${feature_dim}-d features"
-  "$python" -m lxtrain.data.synthetic --out "$corpus" --images "$images" --feature-dim "$feature_dim" --shards --direct \
+  "$python" -m lxtrain.synthetic.pretraining --out "$corpus" --images "$images" --feature-dim "$feature_dim" --shards --direct \
     --workers "$(( $(nproc) > 8 ? 8 : $(nproc) ))" > "$out/logs/corpus.txt" 2>&1
 fi
 shards=$corpus/shards/train

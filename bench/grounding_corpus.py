@@ -1,6 +1,6 @@
 """Ablations of grounding on the synthetic corpus: the real loader and network, a plain loop.
 
-    python -m lxtrain.data.synthetic --out /tmp/w --images 3000 --feature-dim 64 --boxes 10 \
+    python -m lxtrain.synthetic.pretraining --out /tmp/w --images 3000 --feature-dim 64 --boxes 10 \
         --max-objects 1 --direct
     python bench/grounding_corpus.py --shards /tmp/w/shards --tasks mlm --mismatch 0 \
         --object-words-only --steps 1000
@@ -44,11 +44,11 @@ from lxtrain import convert
 from lxtrain.config import MODEL_PRESET_SIZES
 from lxtrain.data.index import open_index
 from lxtrain.data.loader import build_pretrain_loader, build_valid_loader
-from lxtrain.data.synthetic import OBJECT_CLASSES
 from lxtrain.data.tokenizer import WordPieceEncoder
 from lxtrain.model.config import LxmertConfig
 from lxtrain.model.lxmert import LxmertForPretraining
 from lxtrain.pretrain import object_word_tally
+from lxtrain.synthetic.pretraining import OBJECT_CLASSES
 from lxtrain.tasks.masking import IGNORE_INDEX
 from lxtrain.tasks.objectives import TASKS, PretrainingObjective
 

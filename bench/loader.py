@@ -152,7 +152,7 @@ def _run_child(
 
 
 def _generate(out: Path, images: int, args: argparse.Namespace, direct: bool) -> float:
-    from lxtrain.data.synthetic import SyntheticConfig, World, generate
+    from lxtrain.synthetic.pretraining import SyntheticConfig, World, generate
 
     world = World(feature_dim=args.feature_dim, boxes=args.boxes)
     started = time.perf_counter()
@@ -172,7 +172,7 @@ def _generate(out: Path, images: int, args: argparse.Namespace, direct: bool) ->
 
 def bench_conversion(root: Path, args: argparse.Namespace) -> dict:
     from lxtrain.data import make_shards
-    from lxtrain.data.synthetic import SyntheticConfig, World, write_original_files
+    from lxtrain.synthetic.pretraining import SyntheticConfig, World, write_original_files
 
     config = SyntheticConfig(
         out=root / "original",

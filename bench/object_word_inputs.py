@@ -19,8 +19,8 @@ import torch
 from lxtrain import batch as B
 from lxtrain.convert import load_model
 from lxtrain.data.loader import build_valid_loader
-from lxtrain.data.synthetic import OBJECT_CLASSES
 from lxtrain.data.tokenizer import WordPieceEncoder
+from lxtrain.synthetic.pretraining import OBJECT_CLASSES
 from lxtrain.tasks.masking import IGNORE_INDEX
 from lxtrain.tasks.objectives import PretrainingObjective
 

@@ -38,8 +38,8 @@ from matplotlib.figure import Figure
 
 from lxtrain.data.index import open_index
 from lxtrain.data.shard_format import decode_sample, iter_shard
-from lxtrain.data.synthetic import World
 from lxtrain.figures import curves_figure, read_validation, save_figure, validation_curves
+from lxtrain.synthetic.pretraining import World
 
 REPO = Path(__file__).resolve().parent.parent
 # Named demo settings: the world (synthetic corpus) and the pre-training budget.
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 sys.executable,
                 "-m",
-                "lxtrain.data.synthetic",
+                "lxtrain.synthetic.pretraining",
                 "--out",
                 str(corpus),
                 "--images",

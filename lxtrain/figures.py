@@ -83,7 +83,7 @@ def object_class_names(index: ShardIndex) -> list[str] | None:
     vocab = index.root / OBJECTS_VOCAB
     if vocab.is_file():
         return [line.split(",")[0].strip() for line in vocab.read_text().splitlines()]
-    from lxtrain.data.synthetic import BACKGROUND_CLASSES, OBJECT_CLASSES, all_answers
+    from lxtrain.synthetic.pretraining import BACKGROUND_CLASSES, OBJECT_CLASSES, all_answers
 
     inputs = index.raw.get("inputs", {})
     if "synthetic" in inputs or index.answers == [entry["ans"] for entry in all_answers()]:

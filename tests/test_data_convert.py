@@ -20,7 +20,7 @@ from lxtrain.data.index import open_index
 from lxtrain.data.obj36 import TsvLineError, format_line, parse_line
 from lxtrain.data.problems import DataError
 from lxtrain.data.shard_format import ShardWriter, decode_sample, iter_shard
-from lxtrain.data.synthetic import SyntheticConfig, World, write_original_files
+from lxtrain.synthetic.pretraining import SyntheticConfig, World, write_original_files
 
 IMAGES = 60
 WORLD = World(feature_dim=32, boxes=12, max_objects=4)

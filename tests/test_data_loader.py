@@ -16,8 +16,8 @@ from lxtrain.data.collate import IMAGE_IDS, SENTENCE_IDS
 from lxtrain.data.index import open_index
 from lxtrain.data.loader import build_pretrain_loader, build_valid_loader
 from lxtrain.data.problems import DataError
-from lxtrain.data.synthetic import SyntheticConfig, World, generate
 from lxtrain.data.tokenizer import VOCAB_ENV, WordPieceEncoder, default_vocab_path
+from lxtrain.synthetic.pretraining import SyntheticConfig, World, generate
 from lxtrain.tasks.masking import IGNORE_INDEX, OBJECT_REPLACED
 
 WORLD = World(feature_dim=32, boxes=10, max_objects=4)

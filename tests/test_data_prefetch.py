@@ -11,7 +11,7 @@ from lxtrain import batch as B
 from lxtrain.data.collate import IMAGE_IDS
 from lxtrain.data.loader import build_pretrain_loader
 from lxtrain.data.prefetch import DevicePrefetcher
-from lxtrain.data.synthetic import SyntheticConfig, World, generate
+from lxtrain.synthetic.pretraining import SyntheticConfig, World, generate
 
 WORLD = World(feature_dim=32, boxes=10, max_objects=4)
 OBJECTIVE_KEYS = {

@@ -26,7 +26,7 @@ from lxtrain.data.ring import (
     stage_batches,
     storage_views,
 )
-from lxtrain.data.synthetic import SyntheticConfig, World, generate
+from lxtrain.synthetic.pretraining import SyntheticConfig, World, generate
 
 SPEC = {
     "features": ((4, 3, 5), torch.float16),

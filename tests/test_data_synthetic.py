@@ -14,7 +14,8 @@ import pytest
 
 from lxtrain.data.answers import normalize_answer
 from lxtrain.data.obj36 import parse_line
-from lxtrain.data.synthetic import (
+from lxtrain.data.tokenizer import WordPieceEncoder, default_vocab_path
+from lxtrain.synthetic.pretraining import (
     BACKGROUND_CLASSES,
     COLORS,
     OBJECT_CLASSES,
@@ -23,7 +24,6 @@ from lxtrain.data.synthetic import (
     generate,
     write_original_files,
 )
-from lxtrain.data.tokenizer import WordPieceEncoder, default_vocab_path
 
 WORLD = World(feature_dim=64, boxes=12, max_objects=5)
 
@@ -136,7 +136,15 @@ def test_direct_shards_equal_converted_shards(tmp_path: Path) -> None:
 
 
 def test_cli(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "lxtrain.data.synthetic", "--out", str(tmp_path), "--images", "30"]
+    command = [
+        sys.executable,
+        "-m",
+        "lxtrain.synthetic.pretraining",
+        "--out",
+        str(tmp_path),
+        "--images",
+        "30",
+    ]
     command += ["--feature-dim", "16", "--boxes", "8", "--shards", "--shard-size", "10"]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr

@@ -11,7 +11,6 @@ from matplotlib import colormaps
 
 from lxtrain import batch as B
 from lxtrain.data.index import ShardIndex
-from lxtrain.data.synthetic import BACKGROUND_CLASSES, OBJECT_CLASSES, all_answers
 from lxtrain.figures import (
     DPI,
     OBJECTS_VOCAB,
@@ -23,6 +22,7 @@ from lxtrain.figures import (
     token_labels,
 )
 from lxtrain.monitor import Monitor
+from lxtrain.synthetic.pretraining import BACKGROUND_CLASSES, OBJECT_CLASSES, all_answers
 
 SYNTHETIC_NAMES = [singular for singular, _ in OBJECT_CLASSES] + list(BACKGROUND_CLASSES)
 

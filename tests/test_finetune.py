@@ -13,9 +13,8 @@ import torch
 
 from lxtrain import batch as B
 from lxtrain import convert
-from lxtrain.data import finetune_shards, synthetic_tasks
+from lxtrain.data import finetune_shards
 from lxtrain.data.obj36 import RegionFeatures, format_line
-from lxtrain.data.synthetic import World
 from lxtrain.downstream import weights
 from lxtrain.downstream.data import META, build_loader
 from lxtrain.downstream.models import (
@@ -30,6 +29,8 @@ from lxtrain.downstream.models import (
 from lxtrain.evaluate import EvaluationError, evaluate
 from lxtrain.model import LxmertConfig, LxmertForPretraining
 from lxtrain.model.heads import AnswerHead
+from lxtrain.synthetic import finetuning as synthetic_tasks
+from lxtrain.synthetic.pretraining import World
 
 FEATURE_DIM = 16
 

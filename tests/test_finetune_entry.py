@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from lxtrain import convert
-from lxtrain.data import synthetic_tasks
-from lxtrain.data.synthetic import World, all_answers
 from lxtrain.evaluate import evaluate
 from lxtrain.model import LxmertConfig, LxmertForPretraining
+from lxtrain.synthetic import finetuning as synthetic_tasks
+from lxtrain.synthetic.pretraining import World, all_answers
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRY = str(REPO / "lxtrain" / "finetune.py")

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from lxtrain import convert
-from lxtrain.data import synthetic_tasks
-from lxtrain.data.synthetic import World
 from lxtrain.model import LxmertConfig, LxmertForPretraining
+from lxtrain.synthetic import finetuning as synthetic_tasks
+from lxtrain.synthetic.pretraining import World
 from lxtrain.testing.faults import REPO, make_corpus, run_pretrain, step_losses
 
 pytestmark = [

@@ -27,7 +27,7 @@ def corpus(tmp_path_factory) -> Path:
         [
             sys.executable,
             "-m",
-            "lxtrain.data.synthetic",
+            "lxtrain.synthetic.pretraining",
             "--out",
             str(out),
             "--images",

@@ -41,7 +41,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic corpus in four training shards (two per node) and one validation shard."""
     out = tmp_path_factory.mktemp("corpus")
     subprocess.run(
-        [sys.executable, "-m", "lxtrain.data.synthetic", "--out", str(out), "--images", "64"]
+        [sys.executable, "-m", "lxtrain.synthetic.pretraining", "--out", str(out), "--images", "64"]
         + ["--feature-dim", "64", "--boxes", "36", "--shards", "--shard-size", "16"],
         cwd=REPO,
         check=True,

@@ -20,9 +20,9 @@ from lxtrain.data.index import open_index
 from lxtrain.data.loader import UNREADABLE_SHARD_FIX, build_pretrain_loader
 from lxtrain.data.problems import DataError
 from lxtrain.data.shard_format import MEMBER_SUFFIXES, decode_sample, iter_shard
-from lxtrain.data.synthetic import SyntheticConfig, World, generate
-from lxtrain.data.synthetic_tasks import TaskSetConfig
-from lxtrain.data.synthetic_tasks import generate as generate_task_sets
+from lxtrain.synthetic.finetuning import TaskSetConfig
+from lxtrain.synthetic.finetuning import generate as generate_task_sets
+from lxtrain.synthetic.pretraining import SyntheticConfig, World, generate
 
 WORLD = World(feature_dim=16, boxes=8, max_objects=3)
 SHARDS = 6

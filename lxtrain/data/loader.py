@@ -65,7 +65,7 @@ holds, the one it just dropped (released at the next fetch) and one spare."""
 _STRUCTURE, _CONTENT = 0, 1  # random-stream tags: buffer bookkeeping vs per-batch content
 DAMAGED_SHARD_FIX = (
     "The shard is damaged: re-run the conversion that wrote it (python -m lxtrain.data.make_shards, "
-    "or lxtrain.data.synthetic --shards) or restore it from a copy, then rerun with --resume auto"
+    "or lxtrain.synthetic.pretraining --shards) or restore it from a copy, then rerun with --resume auto"
 )
 UNREADABLE_SHARD_FIX = (
     "The shard could not be read: check that its URL or pipe: command works in a shell on this "

@@ -293,7 +293,7 @@ def assert_same_losses(left: dict[str, float], right: dict[str, float], toleranc
 def make_corpus(out: Path, images: int = 24, feature_dim: int = 32, shard_size: int = 8) -> Path:
     """A small synthetic corpus written straight to shards; returns the directory with train/ and valid/."""
     subprocess.run(
-        [sys.executable, "-m", "lxtrain.data.synthetic", "--out", str(out), "--images", str(images)]
+        [sys.executable, "-m", "lxtrain.synthetic.pretraining", "--out", str(out), "--images", str(images)]
         + ["--feature-dim", str(feature_dim), "--shard-size", str(shard_size), "--direct"],
         check=True,
         capture_output=True,

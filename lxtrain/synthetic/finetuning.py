@@ -1,8 +1,8 @@
 """Synthetic fine-tuning sets (VQA-, GQA- and NLVR2-style) from the synthetic world, in the published formats.
 
-    python -m lxtrain.data.synthetic_tasks --out data/synth_tasks --images 600 --sets 300 --shards
+    python -m lxtrain.synthetic.finetuning --out data/synth_tasks --images 600 --sets 300 --shards
 
-The images come from the same world as the pre-training corpus (``lxtrain.data.synthetic``:
+The images come from the same world as the pre-training corpus (``lxtrain.synthetic.pretraining``:
 same class/colour embeddings for the same ``--world-seed`` and ``--feature-dim``) but from a
 different corpus seed, so fine-tuning images are not pre-training images.
 
@@ -36,7 +36,7 @@ import numpy as np
 from lxtrain.data import finetune_shards
 from lxtrain.data.answers import normalize_answer
 from lxtrain.data.obj36 import RegionFeatures, format_line
-from lxtrain.data.synthetic import COLORS, OBJECT_CLASSES, World, make_image
+from lxtrain.synthetic.pretraining import COLORS, OBJECT_CLASSES, World, make_image
 
 QA_SPLITS = {"vqa": ("train", "minival", "test"), "gqa": ("train", "testdev", "test")}
 NLVR2_SPLITS = ("train", "valid", "test")
@@ -277,7 +277,7 @@ def generate(config: TaskSetConfig) -> dict[str, dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lxtrain.data.synthetic_tasks", description=__doc__.split("\n")[0]
+        prog="python -m lxtrain.synthetic.finetuning", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--images", type=int, default=600, help="QA training images")

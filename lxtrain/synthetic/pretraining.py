@@ -1,6 +1,6 @@
 """A built-in, grounded and learnable synthetic corpus in the published on-disk formats.
 
-    python -m lxtrain.data.synthetic --out data/synth --images 2000 --shards
+    python -m lxtrain.synthetic.pretraining --out data/synth --images 2000 --shards
 
 The world: every image has ``--boxes`` regions. A few (1..``--max-objects``) are *objects* of
 a named class ("dog", "car", ...) with a colour attribute ("red", ...) and a size ("small" or
@@ -96,8 +96,8 @@ class World:
             raise ValueError("need 1 <= max_objects <= boxes")
 
     def size_arguments(self) -> list[str]:
-        """The command-line flags that give this world's sizes to ``lxtrain.data.synthetic`` and
-        ``lxtrain.data.synthetic_tasks`` (both take them), for tools that build those commands."""
+        """The command-line flags that give this world's sizes to ``lxtrain.synthetic.pretraining`` and
+        ``lxtrain.synthetic.finetuning`` (both take them), for tools that build those commands."""
         return [
             "--feature-dim",
             str(self.feature_dim),
@@ -399,7 +399,7 @@ def generate(config: SyntheticConfig) -> dict[str, dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lxtrain.data.synthetic", description=__doc__.split("\n\n")[0]
+        prog="python -m lxtrain.synthetic.pretraining", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--images", required=True, type=int, help="training images")
