@@ -128,10 +128,11 @@ def test_two_ranks_two_workers_cover_every_sentence_once(corpus: Path) -> None:
     assert len(np.unique(seen)) == len(seen)
     assert not set(per_rank[0]) & set(per_rank[1])
     assert seen.min() >= 0 and seen.max() < total
-    # Only the documented tail is missing: fewer than batch_size + 1 sentences per (rank, worker).
-    slots = RANKS * WORKERS
-    assert total - len(seen) == total - slots * ((total // slots) // BATCH) * BATCH
-    assert total - len(seen) < slots * (BATCH + 1)
+    # Only the documented tail is missing: fewer than batch_size + 1 sentences per virtual stream
+    # (RANKS micro-batches per step x the default interleave of 2 streams).
+    streams = RANKS * 2
+    assert total - len(seen) == total - streams * ((total // streams) // BATCH) * BATCH
+    assert total - len(seen) < streams * (BATCH + 1)
 
 
 def test_deterministic_per_seed_and_different_per_seed(corpus: Path) -> None:
@@ -171,18 +172,15 @@ def test_mid_epoch_resume_equals_uninterrupted_run(corpus: Path, stop: int) -> N
     assert resumed.state_dict()["epoch"] == 2 and resumed.state_dict()["batches_consumed"] == 0
 
 
-def test_resume_refuses_a_different_layout(corpus: Path) -> None:
+def test_resume_accepts_another_world_size_but_not_another_global_batch(corpus: Path) -> None:
+    # The order depends on the global batch (world_size x accumulation micro-batches per step),
+    # not on how it is split: 1 rank accumulating 2 continues 2 ranks' position; 1 rank alone
+    # would be half the global batch, and is refused (tests/test_data_streams.py has the rest).
     state = _loader(corpus).state_dict()
-    with pytest.raises(ValueError, match="world_size"):
-        build_pretrain_loader(
-            corpus / "train",
-            batch_size=BATCH,
-            rank=0,
-            world_size=1,
-            seed=7,
-            num_workers=WORKERS,
-            buffer_images=64,
-        ).load_state_dict(state)
+    settings = dict(batch_size=BATCH, rank=0, world_size=1, seed=7, num_workers=WORKERS, buffer_images=64)
+    build_pretrain_loader(corpus / "train", accumulation=2, **settings).load_state_dict(state)
+    with pytest.raises(ValueError, match="micro_batches_per_step was 2, is 1"):
+        build_pretrain_loader(corpus / "train", **settings).load_state_dict(state)
 
 
 @pytest.mark.multiproc

@@ -1,7 +1,7 @@
 """Turn drawn (image, sentence) picks into one collated pre-training batch (``lxtrain.batch``).
 
 Everything random for a batch (matching, QA target, word masks, the object-masking draws and
-their donor boxes) comes from one generator seeded by (seed, epoch, slot, batch number), so a
+their donor boxes) comes from one generator seeded by (seed, epoch, stream, batch number), so a
 batch is a pure function of the buffer state and its number: a resumed loader reproduces it
 without replaying the batches before it, and a validation pass gives the same masks every time.
 Object masking is drawn here but applied on the training device (see :mod:`lxtrain.batch`).
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lxtrain import batch as B
-from lxtrain.data.plan import SlotPlan
+from lxtrain.data.plan import StreamPlan
 from lxtrain.data.sampler import BufferedImage
 from lxtrain.data.shard_format import ImageSample
 from lxtrain.data.tokenizer import WordPieceEncoder
@@ -57,7 +57,7 @@ class BatchBuilder:
         self,
         picks: list[tuple[BufferedImage, int]],
         candidates: list[BufferedImage],
-        plan: SlotPlan,
+        plan: StreamPlan,
         rng: np.random.Generator,
         buffers: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:

@@ -1,28 +1,39 @@
-"""The streaming pre-training loader: shards -> (rank, worker) slots -> image buffer -> batches.
+"""The streaming pre-training loader: shards -> virtual streams -> image buffers -> batches.
 
-    loader = build_pretrain_loader("shards/train", batch_size=64, rank=rank, world_size=world,
-                                   seed=0, num_workers=4)
-    loader.load_state_dict(checkpoint["data"])        # optional: resume mid-epoch, exactly
+    loader = build_pretrain_loader("shards/train", batch_size=micro, rank=rank, world_size=world,
+                                   accumulation=accumulation, seed=0, num_workers=4)
+    loader.load_state_dict({"epoch": e, "batches_consumed": step_in_epoch * accumulation})
     for epoch in range(start_epoch, epochs):
-        for batch in loader:                           # len(loader) batches, equal on every rank
-            ...
-            checkpoint["data"] = loader.state_dict()   # {"epoch", "batches_consumed", ...}
+        for batch in loader:                           # len(loader) micro-batches, equal on every rank
+            ...                                        # `accumulation` of them per optimiser step
 
 Per epoch (see :mod:`lxtrain.data.plan`): the shard order is shuffled by (seed, epoch); the
-sentence sequence is cut into ``world_size * num_workers`` equal slots, one per (rank, worker);
-each data-loader worker streams its slot's images into a :class:`SentenceBuffer`, draws
-sentence-level examples and builds collated batches (matching, QA target, tokenisation, word
-and object masking) in the worker. Every slot yields ``(S // K) // batch_size`` batches, so
-every rank yields the same number and each epoch drops fewer than ``batch_size + 1``
-sentences per slot (the *tail*: a different random set each epoch).
+sentence sequence is cut into V = M x ``interleave`` equal stretches, one per *virtual stream*,
+where M = world_size x accumulation is the number of micro-batches per optimiser step over all
+ranks (the DeepSpeed config's train_batch_size / train_micro_batch_size_per_gpu). V depends on
+the global batch only, so micro-batch j of global step s is the same batch on any world size and
+any worker count: the s // interleave-th batch of stream (s % interleave) * M + j. Each stream
+has its own :class:`SentenceBuffer` and random streams seeded by (seed, epoch, stream); rank r
+reads the streams of j = r*a .. r*a + a - 1 (a = accumulation) and yields their batches in step
+order, a per step. Every stream yields ``(S // V) // batch_size`` batches, so every rank yields
+the same number, steps per epoch are the same on every world size, and each epoch drops fewer
+than ``batch_size + 1`` sentences per stream (the *tail*: a different random set each epoch).
 
-Resume is exact: the state is (epoch, batches consumed). Batch ``g`` of a rank comes from
-worker ``g % W`` (PyTorch's data loader polls workers round-robin), so each worker knows how
-many of its batches were consumed; it replays its buffer bookkeeping over them without
-reading data (see :mod:`lxtrain.data.sampler`), loads the images buffered at that point, and
-continues; the worker roles are rotated so that the loader's first poll hits the worker
-that owns the next batch. Exactness assumes no corrupt sample in the shards (a dropped image
-changes the buffer from then on, and replay cannot know about it).
+Workers: a rank's a x interleave streams are dealt to its data-loader workers, role w taking the
+streams u with u % workers == w; PyTorch's data loader polls workers round-robin, and local
+batch g belongs to stream g % (a x interleave), so the order is exact when the worker count
+divides a x interleave. Otherwise the loader starts the largest worker count below the request
+that divides it (a warning says so): the same batches, fewer processes.
+
+Resume is exact: the state is (epoch, batches consumed on this rank), and needs no more than that
+when the world size or worker count changes. Each worker replays the buffer bookkeeping of its
+streams over their consumed batches without reading data (see :mod:`lxtrain.data.sampler`), loads
+the images buffered at that point, and continues; the worker roles are rotated so that the
+loader's first poll hits the worker that owns the next batch. Exactness assumes no corrupt sample
+in the shards (a dropped image changes the buffer from then on, and replay cannot know about it).
+
+Validation (``drop_last=False``) keeps the simpler split: one stretch per (rank, worker), every
+sentence once, each worker ending with a partial batch.
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lxtrain.data.collate import BatchBuilder
 from lxtrain.data.index import ShardIndex, open_index
-from lxtrain.data.plan import SlotPlan, shard_order, slot_bounds, slot_plan
+from lxtrain.data.plan import StreamLayout, StreamPlan, shard_order, stream_plan, stretch_bounds
 from lxtrain.data.problems import DataError
 from lxtrain.data.ring import PinnedSlots, RingBatch, RingReceiver, SharedRing, stage_batches
 from lxtrain.data.sampler import SentenceBuffer
@@ -79,15 +90,22 @@ class LoaderConfig:
 
     Attributes:
         batch_size: examples per batch on this rank (the micro-batch).
-        seed: data seed; the order is a function of (seed, epoch, rank, world_size, num_workers).
-        num_workers: data-loader worker processes per rank (0: build batches in this process).
-        buffer_images: images held per worker; batches draw distinct images from it, so keep
-            it well above ``batch_size`` (memory: buffer_images x boxes x dim x 2 bytes).
+        seed: data seed; the training order is a function of (seed, epoch, micro-batches per
+            step, batch_size, interleave, buffer_images) only, not of the world size or workers.
+        num_workers: data-loader worker processes per rank (0: build batches in this process);
+            training uses the largest count <= this that divides accumulation x interleave.
+        buffer_images: images held per stream (training) or per worker (validation); batches
+            draw distinct images from it, so keep it well above ``batch_size``. Memory per rank:
+            accumulation x interleave x buffer_images x boxes x dim x 2 bytes (training).
+        interleave: virtual streams per micro-batch position of a step, serving alternate steps
+            (training): more streams let more workers share a rank's work (the worker count must
+            divide accumulation x interleave) at the cost of one buffer each.
         tokenizer: None for the packaged BERT uncased vocabulary, or a path / local model name.
         max_length: word-pieces per sentence including [CLS] and [SEP].
         shuffle: shuffle shards per epoch and sentences within images (off for validation).
-        drop_last: equal, full batches on every rank, dropping the tail (training); off: the
-            whole split, ending each worker's stream with a partial batch (validation).
+        drop_last: the virtual-stream layout with equal, full batches on every rank, dropping the
+            tail (training); off: one stretch per (rank, worker), the whole split, each worker
+            ending with a partial batch (validation).
         mismatch_probability, word_mask_probability, object_mask_probability: task rates.
         object_word_ids, object_word_mask_probability: word-pieces masked at their own rate
             (None: the word rate, as in LXMERT; see :func:`lxtrain.tasks.masking.mask_words`).
@@ -112,6 +130,7 @@ class LoaderConfig:
     seed: int = 0
     num_workers: int = 2
     buffer_images: int = 1024
+    interleave: int = 2
     tokenizer: str | None = None
     max_length: int = MAX_LENGTH
     shuffle: bool = True
@@ -129,8 +148,8 @@ class LoaderConfig:
     shared_buffers: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.buffer_images < 1 or self.num_workers < 0:
-            raise ValueError("batch_size and buffer_images must be >= 1, num_workers >= 0")
+        if self.batch_size < 1 or self.buffer_images < 1 or self.interleave < 1 or self.num_workers < 0:
+            raise ValueError("batch_size, buffer_images and interleave must be >= 1, num_workers >= 0")
         for name in ("mismatch_probability", "word_mask_probability", "object_mask_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
@@ -142,14 +161,14 @@ class LoaderConfig:
 
     @property
     def workers(self) -> int:
-        """Slots per rank: with no worker processes the main process is the one worker."""
+        """Worker roles asked for: with no worker processes the main process is the one worker."""
         return max(self.num_workers, 1)
 
 
 class _ImageSource:
-    """Reads the images of one slot plan by stream position, sequentially where possible."""
+    """Reads the images of one stream plan by stream position, sequentially where possible."""
 
-    def __init__(self, index: ShardIndex, plan: SlotPlan, strict: bool, counter) -> None:
+    def __init__(self, index: ShardIndex, plan: StreamPlan, strict: bool, counter) -> None:
         self.index, self.plan, self.strict, self.counter = index, plan, strict, counter
         self._items: Iterator | None = None
         self._pending: tuple | None = None
@@ -210,68 +229,118 @@ class _ImageSource:
         return image
 
 
+@dataclass
+class _Stream:
+    """One stream being read by a worker: its stretch, plan, buffer and image source."""
+
+    stretch: int
+    plan: StreamPlan
+    buffer: SentenceBuffer
+    source: _ImageSource
+
+
 class PretrainStream(IterableDataset):
     """The per-rank iterable dataset; see the module docstring. Use :class:`PretrainLoader`."""
 
-    def __init__(self, index: ShardIndex, config: LoaderConfig, rank: int, world_size: int, counter) -> None:
+    def __init__(
+        self,
+        index: ShardIndex,
+        config: LoaderConfig,
+        rank: int,
+        world_size: int,
+        counter,
+        accumulation: int = 1,
+    ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        if accumulation < 1:
+            raise ValueError(f"accumulation must be >= 1, got {accumulation}")
         self.index, self.config = index, config
         self.rank, self.world_size = rank, world_size
         self.counter = counter
         self.epoch = 0
-        self.skip = 0  # batches of this rank's epoch already consumed
+        self.skip = 0  # micro-batches of this rank's epoch already consumed
+        # Training: the world-independent stream layout; validation: one stretch per (rank, worker).
+        self.layout = (
+            StreamLayout(world_size * accumulation, config.interleave, rank, world_size)
+            if config.drop_last
+            else None
+        )
+        self.workers = config.workers if self.layout is None else self.layout.usable_workers(config.workers)
+        if self.workers < config.num_workers:
+            log.warning(
+                "num_workers %d does not divide this rank's %d streams (accumulation %d x interleave %d): "
+                "using %d workers, which give the same batches",
+                config.num_workers,
+                self.layout.local_streams,
+                self.layout.accumulation,
+                config.interleave,
+                self.workers,
+            )
         # (workers, slots) int32 flags of the workers' shared rings (lxtrain.data.ring), made by
         # PretrainLoader before it forks the workers, which inherit them; None: no ring.
         self.ring_flags: torch.Tensor | None = None
         self.encoder = WordPieceEncoder(config.tokenizer, config.max_length)  # fails early if missing
 
     @property
-    def num_slots(self) -> int:
-        return self.world_size * self.config.workers
+    def num_stretches(self) -> int:
+        """Stretches the epoch's sentences are cut into (the streams of all ranks)."""
+        return self.world_size * self.workers if self.layout is None else self.layout.streams
 
-    def slot_sentences(self, slot: int) -> int:
-        lo, hi = slot_bounds(self.index.sentences, self.num_slots, slot)
-        return hi - lo
+    @property
+    def local_stretches(self) -> list[int]:
+        """The stretch of each of this rank's local streams."""
+        if self.layout is None:
+            return [self.rank * self.workers + role for role in range(self.workers)]
+        return [self.layout.stream_id(local) for local in range(self.layout.local_streams)]
 
-    def worker_batches(self, slot: int) -> int:
-        """Batches one slot yields per epoch (the same for every slot when drop_last)."""
-        if self.config.drop_last:
-            return (self.index.sentences // self.num_slots) // self.config.batch_size
-        return math.ceil(self.slot_sentences(slot) / self.config.batch_size)
+    def stream_batches(self, stretch: int) -> int:
+        """Batches one stream yields per epoch (the same for every stream when training)."""
+        if self.layout is not None:
+            return (self.index.sentences // self.num_stretches) // self.config.batch_size
+        lo, hi = stretch_bounds(self.index.sentences, self.num_stretches, stretch)
+        return math.ceil((hi - lo) / self.config.batch_size)
 
     def rank_batches(self) -> int:
-        slots = range(self.rank * self.config.workers, (self.rank + 1) * self.config.workers)
-        return sum(self.worker_batches(slot) for slot in slots)
+        return sum(self.stream_batches(stretch) for stretch in self.local_stretches)
 
     def _logical_worker(self) -> int:
         info = get_worker_info()
         if info is None:
             return 0
-        if info.num_workers != self.config.workers:
-            raise ValueError(f"DataLoader has {info.num_workers} workers, config says {self.config.workers}")
+        if info.num_workers != self.workers:
+            raise ValueError(f"DataLoader has {info.num_workers} workers, the layout uses {self.workers}")
         # Rotation: the loader polls worker 0 first, so worker 0 plays the role that owns the
-        # next batch of the resumed epoch (batch `skip` belongs to role skip % W).
-        return (info.id + self.skip) % self.config.workers
+        # next batch of the resumed epoch (batch `skip` belongs to role skip % workers).
+        return (info.id + self.skip) % self.workers
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self.iter_role(self._logical_worker())
 
-    def iter_role(self, role: int) -> Iterator[dict[str, torch.Tensor]]:
-        """The batches of worker role ``role`` (0..workers-1) from the resume point on."""
+    def _schedule(self, role: int) -> tuple[dict[int, int], list[tuple[int, int]]]:
+        """Role ``role``'s local streams with their consumed batch counts, and the (local stream,
+        batch number) of each batch it yields from the resume point on, in order."""
+        workers, skip = self.workers, self.skip
+        if self.layout is None:  # validation: the role's own stretch, batch after batch
+            done = max(0, math.ceil((skip - role) / workers))
+            total = self.stream_batches(self.local_stretches[role])
+            return {role: done}, [(role, number) for number in range(done, total)]
+        layout = self.layout
+        owned = {local: layout.consumed(local, skip) for local in range(role, layout.local_streams, workers)}
+        first = skip + (role - skip) % workers  # the first local batch >= skip that is this role's
+        return owned, [layout.locate(g) for g in range(first, self.rank_batches(), workers)]
+
+    def _open(self, local: int, done: int, order: np.ndarray) -> _Stream:
+        """Local stream ``local`` positioned after its first ``done`` batches."""
         config = self.config
-        workers = config.workers
-        slot = self.rank * workers + role
-        done = max(0, math.ceil((self.skip - role) / workers))  # this role's consumed batches
-        total = self.worker_batches(slot)
-        order = shard_order(len(self.index.shards), config.seed, self.epoch, config.shuffle)
-        plan = slot_plan(self.index, order, self.num_slots, slot)
+        stretch = self.local_stretches[local]
+        plan = stream_plan(self.index, order, self.num_stretches, stretch)
         buffer = SentenceBuffer(
             plan.sent_lo,
             plan.sent_hi,
             config.buffer_images,
-            np.random.default_rng([config.seed, self.epoch, slot, _STRUCTURE]),
+            np.random.default_rng([config.seed, self.epoch, stretch, _STRUCTURE]),
             shuffle=config.shuffle,
             recycle=config.drop_last,
         )
@@ -281,6 +350,14 @@ class PretrainStream(IterableDataset):
         for entry in sorted(buffer.entries, key=lambda e: e.position):
             entry.data = source.get(entry.position)
         buffer.entries = [e for e in buffer.entries if e.data is not None]
+        return _Stream(stretch, plan, buffer, source)
+
+    def iter_role(self, role: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of worker role ``role`` (0..workers-1) from the resume point on."""
+        config = self.config
+        owned, schedule = self._schedule(role)
+        order = shard_order(len(self.index.shards), config.seed, self.epoch, config.shuffle)
+        streams = {local: self._open(local, done, order) for local, done in owned.items()}
 
         builder = BatchBuilder(
             self.encoder,
@@ -295,19 +372,23 @@ class PretrainStream(IterableDataset):
         )
         self._worker_setup()
         ring = self._ring(builder)
-        for number in range(done, total):
-            picks, candidates = buffer.take(config.batch_size, source.get)
+        for local, number in schedule:
+            stream = streams[local]
+            picks, candidates = stream.buffer.take(config.batch_size, stream.source.get)
             if not picks:
                 if not config.drop_last:
                     return  # validation: corrupt samples only make the pass shorter
-                raise DataError(f"rank {self.rank} worker {role}: no readable image left in its shards")
-            rng = np.random.default_rng([config.seed, self.epoch, slot, _CONTENT, number])
+                raise DataError(
+                    f"rank {self.rank} stream {stream.stretch}: no readable image left in its shards"
+                )
+            # Keyed by (stream, its batch number): the same batch whichever rank or worker builds it.
+            rng = np.random.default_rng([config.seed, self.epoch, stream.stretch, _CONTENT, number])
             acquired = ring.acquire() if ring is not None else None
             if acquired is None:  # no ring, or every segment still holds a batch in use
-                yield builder.build(picks, candidates, plan, rng)
+                yield builder.build(picks, candidates, stream.plan, rng)
                 continue
             index, buffers = acquired
-            yield ring.pack(index, builder.build(picks, candidates, plan, rng, buffers))
+            yield ring.pack(index, builder.build(picks, candidates, stream.plan, rng, buffers))
 
     def _worker_setup(self) -> None:
         if get_worker_info() is not None:
@@ -338,12 +419,18 @@ class PretrainLoader:
     """
 
     def __init__(
-        self, index: ShardIndex, config: LoaderConfig, rank: int, world_size: int, fixed_epoch: bool
+        self,
+        index: ShardIndex,
+        config: LoaderConfig,
+        rank: int,
+        world_size: int,
+        fixed_epoch: bool,
+        accumulation: int = 1,
     ):
         self.config = config
         self.index = index
         self._corrupt = multiprocessing.get_context("fork").Value("q", 0)
-        self.dataset = PretrainStream(index, config, rank, world_size, self._corrupt)
+        self.dataset = PretrainStream(index, config, rank, world_size, self._corrupt, accumulation)
         self.fixed_epoch = fixed_epoch
         if config.buffer_images < config.batch_size:
             log.warning(
@@ -354,13 +441,17 @@ class PretrainLoader:
         self.epoch = 0
         self.batches_consumed = 0
         if config.drop_last and len(self) == 0:
-            need = self.dataset.num_slots * config.batch_size
+            layout = self.dataset.layout
+            need = layout.streams * config.batch_size
             raise ValueError(
-                f"{index.sentences} sentences cannot fill one batch per slot: world_size x workers x "
-                f"batch_size = {need}; use a smaller batch, fewer workers or more data"
+                f"{index.sentences} sentences cannot fill one batch per stream: {layout.streams} streams "
+                f"(micro-batches per step {layout.micro_batches} x interleave {layout.interleave}) x "
+                f"batch_size {config.batch_size} = {need}; use a smaller batch or interleave, or more data"
             )
 
     def __len__(self) -> int:
+        """Micro-batches of a full epoch on this rank (the same on every rank; training: steps
+        per epoch x accumulation, with steps per epoch independent of the world size)."""
         return self.dataset.rank_batches()
 
     @property
@@ -372,27 +463,49 @@ class PretrainLoader:
         """Start ``epoch`` from its beginning on the next iteration."""
         self.epoch, self.batches_consumed = int(epoch), 0
 
-    def state_dict(self) -> dict:
-        """The data position: enough to continue exactly where this rank stopped."""
-        config = self.config
-        return {
-            "epoch": self.epoch,
-            "batches_consumed": self.batches_consumed,
-            "seed": config.seed,
-            "world_size": self.dataset.world_size,
-            "workers": config.workers,
-            "batch_size": config.batch_size,
-            "sentences": self.index.sentences,
+    def _layout(self) -> dict:
+        """What shapes the epoch's order, beside the position (checked by load_state_dict)."""
+        config, dataset = self.config, self.dataset
+        layout = {"seed": config.seed, "batch_size": config.batch_size, "sentences": self.index.sentences}
+        if dataset.layout is None:  # validation: split per (rank, worker)
+            return layout | {"world_size": dataset.world_size, "workers": dataset.workers}
+        return layout | {
+            "micro_batches_per_step": dataset.layout.micro_batches,
+            "interleave": config.interleave,
+            "streams": dataset.layout.streams,
+            "buffer_images": config.buffer_images,
         }
 
+    def state_dict(self) -> dict:
+        """The data position: enough to continue exactly where this rank stopped, on any world
+        size and worker count (training). ``world_size``, ``accumulation`` and ``workers`` are
+        recorded for the record; only the keys of the layout are checked on load."""
+        dataset = self.dataset
+        info = {"world_size": dataset.world_size, "workers": dataset.workers}
+        if dataset.layout is not None:
+            info["accumulation"] = dataset.layout.accumulation
+        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed} | info | self._layout()
+
     def load_state_dict(self, state: dict) -> None:
-        """Resume from :meth:`state_dict`; the layout that shapes the order must be unchanged."""
-        for key in ("seed", "world_size", "workers", "batch_size", "sentences"):
-            mine = self.state_dict()[key]
-            if key in state and state[key] != mine:
+        """Resume from :meth:`state_dict` (or just ``{"epoch", "batches_consumed"}``).
+
+        Training: ``batches_consumed`` counts this rank's micro-batches, so ``step_in_epoch x
+        accumulation`` positions every rank at that global step, whatever the world size and
+        worker count were. A state whose layout keys differ is refused, naming the fix.
+        """
+        mine = self._layout()
+        if self.dataset.layout is not None and "workers" in state and "streams" not in state:
+            raise ValueError(
+                "cannot resume the data position exactly: the state was written by the per-(rank, "
+                "worker) slot layout of an earlier lxtrain, whose order this loader does not "
+                f"reproduce; resume from the start of an epoch instead: {{'epoch': {state.get('epoch')}, "
+                "'batches_consumed': 0}"
+            )
+        for key, value in mine.items():
+            if key in state and state[key] != value:
                 raise ValueError(
-                    f"cannot resume the data position exactly: {key} was {state[key]}, is {mine} "
-                    "(the epoch's order depends on it)"
+                    f"cannot resume the data position exactly: {key} was {state[key]}, is {value} "
+                    f"(the epoch's order depends on it); {_layout_fix(key, state)}"
                 )
         self.epoch = int(state["epoch"])
         self.batches_consumed = int(state["batches_consumed"])
@@ -421,9 +534,9 @@ class PretrainLoader:
 
     def _host_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         config = self.config
-        if config.in_process and config.num_workers > 1:
+        if config.in_process and self.dataset.workers > 1:
             return self._round_robin()
-        workers = 0 if config.in_process else config.num_workers
+        workers = 0 if config.in_process or not config.num_workers else self.dataset.workers
         receiver = None
         if workers and config.shared_buffers is not False:
             # Fresh flags per pass: the workers forked for it start with empty rings.
@@ -452,7 +565,7 @@ class PretrainLoader:
     def _round_robin(self) -> Iterator[dict[str, torch.Tensor]]:
         # PyTorch's polling order: role (i + skip) % W is polled i-th, round-robin, and an
         # exhausted worker drops out of the cycle.
-        skip, workers = self.dataset.skip, self.config.workers
+        skip, workers = self.dataset.skip, self.dataset.workers
         streams = [self.dataset.iter_role((i + skip) % workers) for i in range(workers)]
         while streams:
             for stream in list(streams):
@@ -466,6 +579,28 @@ class PretrainLoader:
         self.batches_consumed = 0
         if not self.fixed_epoch:
             self.epoch += 1
+
+
+def _layout_fix(key: str, state: dict) -> str:
+    """How to run with the layout a state was written with."""
+    was = state[key]
+    fixes = {
+        "seed": f"run with --seed {was}",
+        "batch_size": f"set train_micro_batch_size_per_gpu to {was} in the DeepSpeed config",
+        "micro_batches_per_step": (
+            "keep the global batch: set train_batch_size to "
+            + (f"{was * state['batch_size']}" if "batch_size" in state else f"{was} x the micro-batch")
+            + ' in the DeepSpeed config, with gradient_accumulation_steps "auto" (micro-batches per '
+            "step = world_size x accumulation)"
+        ),
+        "interleave": f"build the loader with interleave={was}",
+        "streams": f"build the loader with interleave={was} // micro-batches per step",
+        "buffer_images": f"build the loader with buffer_images={was}",
+        "sentences": "train on the same shards (--train-shards) as the run that wrote the state",
+        "world_size": f"run on {was} ranks",
+        "workers": f"run with --num-workers {was}",
+    }
+    return fixes[key]
 
 
 def _received(iterator: Iterator, receiver: RingReceiver | None) -> Iterator[dict[str, torch.Tensor]]:
@@ -502,6 +637,7 @@ def build_pretrain_loader(
     num_workers: int = 2,
     tokenizer: str | None = None,
     shard_index: str | Path | None = None,
+    accumulation: int = 1,
     **options,
 ) -> PretrainLoader:
     """The training loader of one rank.
@@ -510,19 +646,22 @@ def build_pretrain_loader(
         shards: a shard directory, its ``index.json``, a tar glob/brace pattern, or shard URLs
             (``pipe:...``, ``https://...``; a brace pattern of them) or an index URL; see
             :mod:`lxtrain.data.index`.
-        batch_size: examples per batch on this rank.
+        batch_size: examples per micro-batch (train_micro_batch_size_per_gpu).
         rank, world_size: this rank and the number of ranks.
         seed: data seed.
         epoch: the epoch the first iteration yields.
         num_workers: data-loader processes per rank.
         tokenizer: None for the packaged BERT uncased vocabulary, else a path or local model name.
         shard_index: read the index from here (a local path or URL) instead of next to the shards.
+        accumulation: micro-batches per optimiser step on this rank (gradient_accumulation_steps):
+            world_size x accumulation x batch_size is the global batch, which fixes the order.
         **options: further :class:`LoaderConfig` fields.
     """
     config = LoaderConfig(
         batch_size=batch_size, seed=seed, num_workers=num_workers, tokenizer=tokenizer, **options
     )
-    loader = PretrainLoader(open_index(shards, shard_index), config, rank, world_size, fixed_epoch=False)
+    index = open_index(shards, shard_index)
+    loader = PretrainLoader(index, config, rank, world_size, fixed_epoch=False, accumulation=accumulation)
     loader.set_epoch(epoch)
     return loader
 
@@ -536,11 +675,15 @@ def build_valid_loader(
     num_workers: int = 2,
     tokenizer: str | None = None,
     shard_index: str | Path | None = None,
+    accumulation: int = 1,
     **options,
 ) -> PretrainLoader:
     """The deterministic validation loader: every sentence once, no shuffling, the same masks
     and mismatches on every pass for a seed. Workers end with a partial batch, so ranks may
-    differ by one batch per worker: reduce validation sums after the loop, not per batch."""
+    differ by one batch per worker: reduce validation sums after the loop, not per batch.
+    The split is per (rank, worker); ``accumulation`` is accepted (so one set of options serves
+    both builders) and ignored."""
+    del accumulation
     options = {"shuffle": False, "drop_last": False, **options}
     config = LoaderConfig(
         batch_size=batch_size, seed=seed, num_workers=num_workers, tokenizer=tokenizer, **options

@@ -1,12 +1,18 @@
-"""Which sentences each (rank, worker) reads in an epoch: a pure function of the index.
+"""Which sentences each virtual stream reads in an epoch, and which rank and worker reads each stream.
 
 The shard order of an epoch is a permutation seeded by (seed, epoch), the same on every rank.
 Laid end to end, the shards' sentences form one sequence of S sentences; it is cut into
-K = world_size x workers contiguous *slots* of S // K or S // K + 1 sentences, slot
-``rank * workers + worker``. A slot reads only its own stretch of the shard sequence (at most
-two shards partially), so ranks are disjoint, and every slot holds the same number of
-sentences up to one, so every rank can produce the same number of batches. Cuts fall between
-sentences, so an image at a boundary has its sentences split between two slots.
+``num_stretches`` contiguous *stretches* of S // n or S // n + 1 sentences. A stretch reads
+only its own part of the shard sequence (at most two shards partially), so stretches are
+disjoint. Cuts fall between sentences, so an image at a boundary has its sentences split
+between two stretches.
+
+Training (:class:`StreamLayout`) gives each of V *virtual streams* one stretch. V depends on the
+global batch only (micro-batches per optimiser step M, times ``interleave``), never on the world
+size or the worker count, so the epoch's global batches are the same on any number of ranks and
+workers: micro-batch j (0..M-1) of global step s comes from stream ``(s % interleave) * M + j``,
+its ``s // interleave``-th batch. Rank r of W takes j = r*a .. r*a + a - 1 (a = M / W, the
+gradient accumulation steps), in that order. Validation keeps one stretch per (rank, worker).
 """
 
 from __future__ import annotations
@@ -25,14 +31,14 @@ def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> np.nda
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_shards)
 
 
-def slot_bounds(total_sentences: int, num_slots: int, slot: int) -> tuple[int, int]:
-    """[lo, hi) of the slot's stretch of the epoch's sentence sequence."""
-    return slot * total_sentences // num_slots, (slot + 1) * total_sentences // num_slots
+def stretch_bounds(total_sentences: int, num_stretches: int, stretch: int) -> tuple[int, int]:
+    """[lo, hi) of the stretch's part of the epoch's sentence sequence."""
+    return stretch * total_sentences // num_stretches, (stretch + 1) * total_sentences // num_stretches
 
 
 @dataclass
-class SlotPlan:
-    """The images of one slot in stream order, with the sentences the slot owns of each.
+class StreamPlan:
+    """The images of one stretch in stream order, with the sentences the stretch owns of each.
 
     All arrays have one entry per image; ``sent_lo:sent_hi`` index the image's own sentence
     list (the shard's json member).
@@ -53,13 +59,13 @@ class SlotPlan:
         return int((self.sent_hi - self.sent_lo).sum())
 
 
-def slot_plan(index: ShardIndex, order: np.ndarray, num_slots: int, slot: int) -> SlotPlan:
-    """The plan of ``slot`` (of ``num_slots``) for shards read in ``order``."""
+def stream_plan(index: ShardIndex, order: np.ndarray, num_stretches: int, stretch: int) -> StreamPlan:
+    """The plan of ``stretch`` (of ``num_stretches``) for shards read in ``order``."""
     shards = [index.shards[i] for i in order]
     counts = np.concatenate([s.sentences_per_image for s in shards])
     ends = np.cumsum(counts)
     starts = ends - counts
-    lo, hi = slot_bounds(int(ends[-1]), num_slots, slot)
+    lo, hi = stretch_bounds(int(ends[-1]), num_stretches, stretch)
     first = int(np.searchsorted(ends, lo, side="right"))
     last = int(np.searchsorted(starts, hi, side="left"))
     chosen = slice(first, last)
@@ -69,7 +75,7 @@ def slot_plan(index: ShardIndex, order: np.ndarray, num_slots: int, slot: int) -
     positions = np.concatenate([np.arange(s.images, dtype=np.int64) for s in shards])
     image_ids = np.concatenate([s.image_base + np.arange(s.images, dtype=np.int64) for s in shards])
     bases = np.concatenate([s.sentence_base for s in shards])
-    return SlotPlan(
+    return StreamPlan(
         shard=shard_ids[chosen],
         position=positions[chosen],
         image_id=image_ids[chosen],
@@ -77,3 +83,71 @@ def slot_plan(index: ShardIndex, order: np.ndarray, num_slots: int, slot: int) -
         sent_lo=np.maximum(starts[chosen], lo) - starts[chosen],
         sent_hi=np.minimum(ends[chosen], hi) - starts[chosen],
     )
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """The training layout of one rank: its virtual streams and the order it reads them in.
+
+    A rank's *local* micro-batch number g (0, 1, ... in the order it yields them; g = s*a + i for
+    global step s and accumulation step i) is served by local stream ``u = g % (a * interleave)``,
+    that stream's batch number ``g // (a * interleave)``. Local stream u = t*a + i is the global
+    stream ``t * M + r*a + i``. A worker role w of n owns the local streams u with u % n == w;
+    since n divides a * interleave, role w yields exactly the g with g % n == w, which is the
+    order in which PyTorch's data loader polls its workers (round-robin).
+
+    Attributes:
+        micro_batches: M, micro-batches per optimiser step over all ranks (global batch / micro).
+        interleave: streams that serve each micro-batch position in turn, one step each.
+        rank, world_size: this rank of W; W must divide M.
+    """
+
+    micro_batches: int
+    interleave: int
+    rank: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        if self.micro_batches < 1 or self.interleave < 1:
+            raise ValueError("micro-batches per step and interleave must be >= 1")
+        if self.micro_batches % self.world_size:
+            raise ValueError(
+                f"world size {self.world_size} does not divide the {self.micro_batches} micro-batches "
+                "per optimiser step (train_batch_size / train_micro_batch_size_per_gpu): run on a "
+                "world size that divides it, or change train_batch_size in the DeepSpeed config"
+            )
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+
+    @property
+    def accumulation(self) -> int:
+        """a: micro-batches of one optimiser step on this rank."""
+        return self.micro_batches // self.world_size
+
+    @property
+    def streams(self) -> int:
+        """V: virtual streams of the epoch, all ranks together."""
+        return self.micro_batches * self.interleave
+
+    @property
+    def local_streams(self) -> int:
+        """Streams this rank reads: a * interleave."""
+        return self.accumulation * self.interleave
+
+    def stream_id(self, local: int) -> int:
+        """The global stream of local stream ``local`` (0..local_streams-1)."""
+        turn, step_offset = divmod(local, self.accumulation)
+        return turn * self.micro_batches + self.rank * self.accumulation + step_offset
+
+    def locate(self, local_batch: int) -> tuple[int, int]:
+        """(local stream, that stream's batch number) of the rank's micro-batch ``local_batch``."""
+        turn, local = divmod(local_batch, self.local_streams)
+        return local, turn
+
+    def consumed(self, local: int, local_batches: int) -> int:
+        """Batches of local stream ``local`` among the rank's first ``local_batches``."""
+        return max(0, -(-(local_batches - local) // self.local_streams))
+
+    def usable_workers(self, requested: int) -> int:
+        """The largest worker count <= ``requested`` that divides the rank's streams (>= 1)."""
+        return max(n for n in range(1, max(requested, 1) + 1) if self.local_streams % n == 0)

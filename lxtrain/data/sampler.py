@@ -35,10 +35,10 @@ Loader = Callable[[int], object | None]
 
 
 class SentenceBuffer:
-    """Structural sampling state of one slot (see the module docstring).
+    """Structural sampling state of one stream (see the module docstring).
 
     Args:
-        sent_lo, sent_hi: per stream position, the range of the image's sentences this slot owns.
+        sent_lo, sent_hi: per stream position, the range of the image's sentences this stream owns.
         capacity: images held at once.
         rng: the only source of randomness (sentence order within an image, image choice).
         shuffle: shuffle each image's sentences (off: sentence order as stored).

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lxtrain import batch as B
 from lxtrain.data.finetune_shards import FinetuneIndex, FinetuneSample
-from lxtrain.data.plan import shard_order, slot_plan
+from lxtrain.data.plan import shard_order, stream_plan
 from lxtrain.data.shard_format import CorruptSampleError
 from lxtrain.data.tokenizer import WordPieceEncoder
 from lxtrain.downstream.models import IGNORE_INDEX, PAIR_LABELS, TARGETS
@@ -116,7 +116,7 @@ class FinetuneStream(IterableDataset):
 
     def _examples(self, slot: int) -> Iterator[tuple[FinetuneSample, dict]]:
         order = shard_order(len(self.index.shards.shards), self.seed, self.epoch, shuffle=self.train)
-        plan = slot_plan(self.index.shards, order, self.num_slots, slot)
+        plan = stream_plan(self.index.shards, order, self.num_slots, slot)
         start = 0
         while start < len(plan):
             # A slot reads runs of consecutive samples of one shard; read each run in one pass.
