@@ -116,8 +116,6 @@ def _answers_of_run(run_dir: Path) -> list[str] | None:
 
 
 def _read_checkpoint(directory: Path, tag: str) -> tuple[dict[str, torch.Tensor], LxmertConfig]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     run_config = directory.parent / RUN_CONFIG
     if not run_config.exists():
         raise FileNotFoundError(
@@ -130,10 +128,7 @@ def _read_checkpoint(directory: Path, tag: str) -> tuple[dict[str, torch.Tensor]
             "pre-trained weights (score fine-tuned models with python -m lxtrain.evaluate)"
         )
     config = LxmertConfig.from_dict(record["model"])
-    with checkpoint.weights_only_loads():  # never unpickle code from the checkpoint
-        consolidated = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
-    prefix = "model."  # the pre-training objective holds the network as .model
-    state = {k[len(prefix) :]: v.float() for k, v in consolidated.items() if k.startswith(prefix)}
+    state = checkpoint.fp32_state_dict(directory, tag, prefix="model.")  # the objective's .model
     convert.check_state_dict(state, config, str(directory / tag))
     return state, config
 
