@@ -137,7 +137,9 @@ def test_resume_on_other_world_sizes_and_workers_sees_every_sentence_once(shards
             if state is None:
                 loader.set_epoch(1)
             else:
-                loader.load_state_dict(state | {"batches_consumed": start * accumulation})
+                # The old layout's full state: batches_consumed at its accumulation, converted by step.
+                loader.load_state_dict(state)
+                assert loader.batches_consumed == start * accumulation
             batches = []
             for batch in loader:
                 batches.append(batch)
@@ -170,6 +172,10 @@ def test_resume_refuses_what_cannot_be_exact(shards: Path) -> None:
         _loader(shards, 0, 2, 2, interleave=3).load_state_dict(state)
     with pytest.raises(ValueError, match=r"buffer_images was 16, is 32"):
         _loader(shards, 0, 2, 2, buffer_images=32).load_state_dict(state)
+    with pytest.raises(
+        ValueError, match=r"inside an optimiser step \(batches_consumed 3 at accumulation 2\)"
+    ):
+        _loader(shards, 0, 1, 2).load_state_dict(state | {"batches_consumed": 3})
     old = {"epoch": 1, "batches_consumed": 5, "seed": 11, "world_size": 2, "workers": 2, "batch_size": 4}
     with pytest.raises(ValueError, match="slot layout of an earlier lxtrain"):
         _loader(shards, 0, 2, 2).load_state_dict(old)

@@ -491,7 +491,10 @@ class PretrainLoader:
 
         Training: ``batches_consumed`` counts this rank's micro-batches, so ``step_in_epoch x
         accumulation`` positions every rank at that global step, whatever the world size and
-        worker count were. A state whose layout keys differ is refused, naming the fix.
+        worker count were. A state that records another ``accumulation`` (one saved on another
+        world size) counts at that accumulation and is converted by its step; one that stops
+        inside a step cannot be, and is refused, as is a state whose layout keys differ, naming
+        the fix.
         """
         mine = self._layout()
         if self.dataset.layout is not None and "workers" in state and "streams" not in state:
@@ -509,6 +512,18 @@ class PretrainLoader:
                 )
         self.epoch = int(state["epoch"])
         self.batches_consumed = int(state["batches_consumed"])
+        layout = self.dataset.layout
+        if layout is not None and state.get("accumulation", layout.accumulation) != layout.accumulation:
+            # A saved state counts micro-batches at its own accumulation: carry over its step.
+            saved = int(state["accumulation"])
+            if self.batches_consumed % saved:
+                raise ValueError(
+                    f"cannot resume the data position exactly: the state stops inside an optimiser step "
+                    f"(batches_consumed {self.batches_consumed} at accumulation {saved}), and this run "
+                    f"accumulates {layout.accumulation}; resume from a checkpoint taken at a step "
+                    f"boundary, or on {layout.micro_batches // saved} ranks"
+                )
+            self.batches_consumed = self.batches_consumed // saved * layout.accumulation
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         total = len(self)
