@@ -466,6 +466,7 @@ def run_pretrain(record_path: Path, warm_steps: int, pretrain_args: list[str]) -
     from lxtrain import distributed, pretrain
     from lxtrain.config import parse_args
     from lxtrain.monitor import detect_peak_tflops, training_flops_per_sample
+    from lxtrain.train.loop import StepHooks
 
     cfg = parse_args(pretrain_args)
     start = time.perf_counter()
@@ -479,7 +480,7 @@ def run_pretrain(record_path: Path, warm_steps: int, pretrain_args: list[str]) -
     }
     device = _device()
 
-    class Timing(pretrain.StepHooks):
+    class Timing(StepHooks):
         """Host time at every step end (no sync: what the CPU has issued), and device-synchronised
         marks at the end of warm-up and at ``--max-steps``."""
 

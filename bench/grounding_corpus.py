@@ -47,10 +47,10 @@ from lxtrain.data.loader import build_pretrain_loader, build_valid_loader
 from lxtrain.data.tokenizer import WordPieceEncoder
 from lxtrain.model.config import LxmertConfig
 from lxtrain.model.lxmert import LxmertForPretraining
-from lxtrain.pretrain import object_word_tally
 from lxtrain.synthetic.pretraining import OBJECT_CLASSES
 from lxtrain.tasks.masking import IGNORE_INDEX
 from lxtrain.tasks.objectives import TASKS, PretrainingObjective
+from lxtrain.tasks.validation import object_word_tally
 
 
 def object_word_ids() -> tuple[torch.Tensor, int]:

@@ -24,7 +24,8 @@ sys.path.insert(0, str(REPO))
 
 from lxtrain import distributed  # noqa: E402
 from lxtrain.config import parse_args  # noqa: E402
-from lxtrain.pretrain import StepHooks, StopRequested, run  # noqa: E402
+from lxtrain.pretrain import run  # noqa: E402
+from lxtrain.train.loop import StepHooks, StopRequested  # noqa: E402
 
 aten = torch.ops.aten
 # Ops whose result the host must read from the device before it can go on.

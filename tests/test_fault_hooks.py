@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lxtrain.pretrain import StepHooks
 from lxtrain.tasks.objectives import ObjectiveOutput
 from lxtrain.testing import faults
 from lxtrain.testing.fault_hooks import FAULT_LOG_PREFIX, FaultHooks
+from lxtrain.train.loop import StepHooks
 
 PACKAGE = faults.REPO / "lxtrain"
 TESTING = PACKAGE / "testing"

@@ -286,7 +286,7 @@ def test_a_dead_rank_stops_the_job_in_bounded_time_naming_it(corpus, tmp_path):
 
 
 def test_object_word_tally_counts_all_and_matched_sentences():
-    from lxtrain.pretrain import object_word_tally
+    from lxtrain.tasks.validation import object_word_tally
 
     dog, cat, red = 3899, 4937, 2417
     mlm_labels = torch.tensor(

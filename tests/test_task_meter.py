@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lxtrain.pretrain import TaskMeter
+from lxtrain.tasks.meter import TaskMeter
 from lxtrain.tasks.objectives import ObjectiveOutput
 
 

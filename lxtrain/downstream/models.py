@@ -192,16 +192,16 @@ class FinetuneObjective(nn.Module):
         if self.task == "nlvr2":
             labels = batch[PAIR_LABELS]
             labelled = labels != IGNORE_INDEX
-            # A batch without labels still gives a loss that touches every parameter (0 x logits),
-            # so all ranks run the same backward graph.
-            loss = (
-                F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
-                if bool(labelled.any())
-                else logits.sum() * 0.0
-            )
+            count = labelled.sum().float()
+            # The mean over labelled rows without asking the host whether there are any: a batch
+            # without labels gives 0 (0 x logits through the summed loss), so every rank still runs
+            # the same backward graph, and no step waits for the device.
+            per_row = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+            loss = per_row.sum() / count.clamp(min=1.0)
             correct = (logits.argmax(-1) == labels) & labelled
-            return FinetuneOutput(loss, logits, correct.sum().float(), labelled.sum().float())
+            return FinetuneOutput(loss, logits, correct.sum().float(), count)
         targets = batch[TARGETS]
         loss = F.binary_cross_entropy_with_logits(logits, targets) * logits.shape[1]
         score = targets.gather(1, logits.argmax(-1, keepdim=True)).sum()
-        return FinetuneOutput(loss, logits, score.detach(), torch.tensor(float(logits.shape[0])))
+        rows = torch.full((), float(logits.shape[0]), device=logits.device)
+        return FinetuneOutput(loss, logits, score.detach(), rows)

@@ -1,4 +1,4 @@
-"""Fault injection for the fault-tolerance suite, as :class:`lxtrain.pretrain.StepHooks`.
+"""Fault injection for the fault-tolerance suite, as :class:`lxtrain.train.loop.StepHooks`.
 
 ``lxtrain/testing/pretrain_with_faults.py`` (what ``lxtrain.testing.faults`` launches when a
 scenario injects one of these) builds :class:`FaultHooks` from the environment; ``lxtrain/pretrain.py``
@@ -26,8 +26,8 @@ from collections.abc import Mapping
 
 import torch.distributed as dist
 
-from lxtrain.pretrain import StepHooks
 from lxtrain.tasks.objectives import ObjectiveOutput
+from lxtrain.train.loop import StepHooks
 
 FAULT_SIGKILL_AT_STEP = "LXTRAIN_FAULT_SIGKILL_AT_STEP"
 FAULT_SIGKILL_IN_SAVE = "LXTRAIN_FAULT_SIGKILL_IN_SAVE"
