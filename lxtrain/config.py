@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from lxtrain.compiling import COMPILE_MODES
-from lxtrain.model.config import LxmertConfig
+from lxtrain.model.config import ATTENTION_BACKENDS, LxmertConfig
 from lxtrain.tasks.objectives import DEFAULT_MLM_CAPACITY
 from lxtrain.tasks.schedule import RECIPES
 
@@ -104,6 +104,8 @@ class PretrainConfig:
     """Write a consolidated fp32 export (lxtrain format) at the end."""
     compile: str = "auto"
     """torch.compile of the training forward: auto (on CUDA GPUs, not under ZeRO-3) | off | default | cudagraphs."""
+    attention: str = "auto"
+    """Attention backend: auto (sdpa today) | eager | sdpa | fused (GPU kernels, not under ZeRO-3); LXTRAIN_ATTENTION, if set, wins."""
     mlm_capacity: float = DEFAULT_MLM_CAPACITY
     """Share of a micro-batch's B x T positions the masked-LM head evaluates (a fixed shape: no sync);
     masked words beyond it are left out and counted (train/mlm_over_capacity)."""
@@ -134,6 +136,8 @@ class PretrainConfig:
                 raise ValueError("--object-word-mask-probability needs --object-words (the words to mask)")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"--compile {self.compile!r} is not one of {COMPILE_MODES}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"--attention {self.attention!r} is not one of {ATTENTION_BACKENDS}")
         if not 0 < self.mlm_capacity <= 1:
             raise ValueError(f"--mlm-capacity must be in (0, 1]; got {self.mlm_capacity}")
         if not Path(self.deepspeed_config).is_file():
@@ -141,11 +145,18 @@ class PretrainConfig:
 
     def model_config(self, feature_dim: int | None = None, num_answers: int | None = None) -> LxmertConfig:
         """The network for this run. Presets take the feature dimension and answer count from the
-        shards; a JSON config must agree with them (checked, with both values in the message)."""
+        shards; a JSON config must agree with them (checked, with both values in the message).
+
+        The attention backend is ``--attention``: it is a setting of the run, not of the weights, so
+        a JSON config may only leave it at ``auto`` or name the same one. ``LXTRAIN_ATTENTION``
+        overrides it when the model is built (``lxtrain.model.attention.set_attention_backend``).
+        """
         data_sizes = {"visual_feature_dim": feature_dim, "num_qa_labels": num_answers}
         data_sizes = {key: value for key, value in data_sizes.items() if value is not None}
         if self.model in MODEL_PRESETS:
-            return LxmertConfig(**MODEL_PRESET_SIZES[self.model], **data_sizes)
+            return LxmertConfig(
+                **MODEL_PRESET_SIZES[self.model], **data_sizes, attention_backend=self.attention
+            )
         config = LxmertConfig.load(self.model)
         for key, value in data_sizes.items():
             if getattr(config, key) != value:
@@ -153,6 +164,13 @@ class PretrainConfig:
                     f"--model {self.model}: {key} is {getattr(config, key)} but the training shards "
                     f"({self.train_shards}) have {value}; make them agree"
                 )
+        if config.attention_backend not in ("auto", self.attention):
+            raise ValueError(
+                f"--model {self.model}: attention_backend is {config.attention_backend!r} but --attention is "
+                f"{self.attention!r}; pass --attention {config.attention_backend} or drop attention_backend "
+                "from the JSON"
+            )
+        config.attention_backend = self.attention
         return config
 
 

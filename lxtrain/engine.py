@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 
 AUTO = "auto"
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -236,8 +239,45 @@ def skips_nonfinite_steps(config: dict[str, Any]) -> bool:
     return bool(zero.get("compute_grad_norm", True))
 
 
+def zero_stage(config: dict[str, Any]) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 without a ``zero_optimization`` section)."""
+    return (config.get("zero_optimization") or {}).get("stage", 0)
+
+
+def check_attention_backend(model: torch.nn.Module, config: dict[str, Any], source: str = "") -> None:
+    """Refuse (or adapt) an attention backend that cannot run under the config's parallelism.
+
+    DeepSpeed ZeRO-3 gathers a module's weights only inside that module's own forward, and the
+    fused epilogues read the dense and LayerNorm weights from the parent block, where they are
+    still empty partitions. So under ZeRO-3 ``fused`` is a ``ConfigError`` naming the flag and the
+    fix, and ``auto`` keeps the epilogues on the exact path (attention itself is unaffected).
+    ``source`` (the DeepSpeed JSON's path) opens the message when given.
+    """
+    from lxtrain.model import attention
+
+    if zero_stage(config) != 3:
+        return
+    backend = attention.attention_backend_of(model)
+    where = f"{source}: " if source else ""
+    if backend == "fused":
+        raise ConfigError(
+            f"{where}attention backend 'fused' (--attention fused or {attention.ENV_OVERRIDE}=fused) cannot run "
+            "under DeepSpeed ZeRO stage 3: its fused epilogues read weights that ZeRO-3 keeps partitioned "
+            f"outside their own modules. Use --attention auto or sdpa (and unset {attention.ENV_OVERRIDE}), "
+            "or a ZeRO stage 0-2 config such as ds_configs/zero2_bf16.json"
+        )
+    if backend == "auto":
+        attention.keep_epilogues_exact(model)
+        if attention.AUTO_USES_FUSED_KERNELS:
+            logger.info("attention backend 'auto' under ZeRO-3: the layer epilogues stay on the exact path")
+
+
 def initialize(model: torch.nn.Module, config: dict[str, Any]):
-    """DeepSpeed engine over ``model`` with one parameter group (decay applies to all, as in BertAdam)."""
+    """DeepSpeed engine over ``model`` with one parameter group (decay applies to all, as in BertAdam).
+
+    The model's attention backend is checked against the parallelism first (``check_attention_backend``).
+    """
+    check_attention_backend(model, config)  # before importing DeepSpeed: a refusal costs nothing
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(

@@ -334,9 +334,7 @@ def test_layer_norm_epilogue_dropout_keep_rate_and_consistency() -> None:
 
 
 def _set_backend(model: LxmertForPretraining, backend: str) -> None:
-    for module in model.modules():
-        if hasattr(module, "backend"):
-            module.backend = backend
+    dispatch.set_attention_backend(model, backend)
 
 
 def test_tiny_model_fused_matches_sdpa_with_gradients() -> None:
@@ -362,6 +360,32 @@ def test_tiny_model_fused_matches_sdpa_with_gradients() -> None:
     assert fused_grads.keys() == sdpa_grads.keys()
     for name, grad in fused_grads.items():
         torch.testing.assert_close(grad, sdpa_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_epilogues_kept_exact_run_fused_attention_and_pytorch_epilogues(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What the engine does under ZeRO-3 for 'auto' (lxtrain.engine.check_attention_backend): the
+    # epilogues take the exact path, attention keeps its kernel, and the result matches SDPA.
+    config = LxmertConfig.tiny()
+    torch.manual_seed(0)
+    model = LxmertForPretraining(config).to(DEVICE).eval()
+    batch = build_batch(config, batch_size=2, seq_len=9, num_objects=5)
+    inputs = [batch[key].to(DEVICE) for key in B.MODEL_INPUT_KEYS]
+    with torch.no_grad():
+        _set_backend(model, "sdpa")
+        reference = model.backbone(*inputs)
+        _set_backend(model, "fused")
+        dispatch.keep_epilogues_exact(model)
+        launches = []
+        real_attention = kernels.attention
+        monkeypatch.setattr(kernels, "attention", lambda *a: launches.append(1) or real_attention(*a))
+        for name in ("bias_gelu", "bias_dropout_residual_layer_norm"):
+            monkeypatch.setattr(kernels, name, lambda *a, name=name: pytest.fail(f"{name} ran"))
+        out = model.backbone(*inputs)
+    assert launches, "attention must still run the fused kernel"
+    for name in ("language", "objects", "pooled"):
+        torch.testing.assert_close(getattr(out, name), getattr(reference, name), rtol=1e-5, atol=1e-5)
 
 
 def test_tiny_model_trains_on_fused_backend_reproducibly() -> None:
@@ -402,16 +426,16 @@ def test_auto_on_a_gpu_is_sdpa_while_the_fused_kernels_measure_slower(
     monkeypatch.setattr(dispatch, "_reported", set())
     with caplog.at_level(logging.INFO, logger=dispatch.logger.name):
         assert dispatch.resolve_backend("auto", "cuda") == "sdpa"
-    assert "LXTRAIN_ATTENTION=fused" in caplog.text
+    assert "--attention fused" in caplog.text
     monkeypatch.setenv(dispatch.ENV_OVERRIDE, "sdpa")
-    assert dispatch.resolve_backend("fused", "cuda") == "sdpa"  # the override still wins
+    assert dispatch.choose_backend("fused") == "sdpa"  # the override still wins
 
 
 def test_forced_fused_on_cpu_without_interpreter_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(_INTERPRET, raising=False)
     with pytest.raises(RuntimeError, match="'fused'.*not available on cpu.*TRITON_INTERPRET"):
         dispatch.resolve_backend("fused", "cpu")
-    monkeypatch.setenv(dispatch.ENV_OVERRIDE, "fused")  # the override forces it too
+    monkeypatch.setenv(dispatch.ENV_OVERRIDE, "fused")  # the override forces it too (read at build)
     model = LxmertForPretraining(LxmertConfig.tiny()).eval()
     batch = build_batch(model.config)
     with pytest.raises(RuntimeError, match="'fused'.*not available"), torch.no_grad():

@@ -142,33 +142,38 @@ def test_eager_and_sdpa_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     model = LxmertForPretraining(LxmertConfig.tiny()).eval()
     batch = build_batch(model.config)
     calls = _count_sdpa_calls(monkeypatch)
-    monkeypatch.setenv(attention_module.ENV_OVERRIDE, "eager")
+    attention_module.set_attention_backend(model, "eager")
     eager = _backbone_outputs(model, batch)
     assert not calls
-    monkeypatch.setenv(attention_module.ENV_OVERRIDE, "sdpa")
+    attention_module.set_attention_backend(model, "sdpa")
     sdpa = _backbone_outputs(model, batch)
     assert calls, "the sdpa backend must really run SDPA"
     for name in ("language", "objects", "pooled"):
         torch.testing.assert_close(getattr(sdpa, name), getattr(eager, name), rtol=0, atol=1e-6)
 
 
-def test_env_override_selects_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_override_selects_the_backend_when_the_model_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
     config = LxmertConfig.tiny(attention_backend="eager")
-    model = LxmertForPretraining(config).eval()
     batch = build_batch(config)
     calls = _count_sdpa_calls(monkeypatch)
     monkeypatch.delenv(attention_module.ENV_OVERRIDE, raising=False)
+    model = LxmertForPretraining(config).eval()
     _backbone_outputs(model, batch)
     assert not calls, "the configured eager backend must not call SDPA"
 
     monkeypatch.setenv(attention_module.ENV_OVERRIDE, "sdpa")
     _backbone_outputs(model, batch)
+    assert not calls, "the override is read when the model is built, not per forward"
+    model = LxmertForPretraining(config).eval()
+    _backbone_outputs(model, batch)
     # 1 language + 1 object self-attention + (2 cross + 2 self) in the cross layer.
     assert len(calls) == 6
 
-    assert attention_module.resolve_backend("sdpa") == "sdpa"
+    assert attention_module.choose_backend("sdpa") == "sdpa"  # the override agrees
     monkeypatch.setenv(attention_module.ENV_OVERRIDE, "eager")
-    assert attention_module.resolve_backend("sdpa") == "eager"
+    assert attention_module.choose_backend("sdpa") == "eager"
+    monkeypatch.setenv(attention_module.ENV_OVERRIDE, "")  # empty: not set
+    assert attention_module.choose_backend("sdpa") == "sdpa"
     monkeypatch.delenv(attention_module.ENV_OVERRIDE)
     assert attention_module.resolve_backend("auto") == "sdpa"
 
@@ -177,12 +182,12 @@ def test_unknown_or_unavailable_backend_fails_clearly(monkeypatch: pytest.Monkey
     with pytest.raises(ValueError, match="attention_backend.*'flash3'"):
         LxmertConfig.tiny(attention_backend="flash3")
 
-    model = LxmertForPretraining(LxmertConfig.tiny()).eval()
-    batch = build_batch(model.config)
+    batch = build_batch(LxmertConfig.tiny())
     monkeypatch.setenv(attention_module.ENV_OVERRIDE, "flash3")
     with pytest.raises(ValueError, match="'flash3'.*LXTRAIN_ATTENTION"):
-        _backbone_outputs(model, batch)
+        LxmertForPretraining(LxmertConfig.tiny())
     monkeypatch.setenv(attention_module.ENV_OVERRIDE, "fused")
+    model = LxmertForPretraining(LxmertConfig.tiny()).eval()
     with pytest.raises(RuntimeError, match="'fused'.*not available"):
         _backbone_outputs(model, batch)
     monkeypatch.delenv(attention_module.ENV_OVERRIDE)

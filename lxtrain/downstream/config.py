@@ -9,6 +9,7 @@ from typing import Any
 
 from lxtrain.data.finetune_shards import TASKS
 from lxtrain.downstream.weights import INIT_FORMATS
+from lxtrain.model.config import ATTENTION_BACKENDS
 
 
 def _field(default: Any, help_text: str, **extra: Any) -> Any:
@@ -54,6 +55,11 @@ class FinetuneConfig:
     max_valid_batches: int | None = _field(None, "cap on validation batches per rank")
     num_workers: int = _field(1, "data-loader worker processes per rank (0: load in the training process)")
     tokenizer: str | None = _field(None, "path to a BERT vocab.txt (default: the offline BERT uncased one)")
+    attention: str = _field(
+        "auto",
+        f"attention backend: one of {ATTENTION_BACKENDS} (auto: sdpa today; fused: GPU kernels, not under "
+        "ZeRO-3); the environment variable LXTRAIN_ATTENTION, if set, wins",
+    )
     max_bad_steps: int = _field(5, "stop after this many non-finite losses in a row")
     collective_timeout_s: float = _field(300.0, "upper bound on any collective")
     export: bool = _field(
@@ -74,6 +80,8 @@ class FinetuneConfig:
             raise ValueError(f"--epochs must be > 0; got {self.epochs}")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"--warmup-fraction must be in [0, 1); got {self.warmup_fraction}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"--attention {self.attention!r} is not one of {ATTENTION_BACKENDS}")
         if not Path(self.deepspeed_config).is_file():
             raise FileNotFoundError(f"--deepspeed_config {self.deepspeed_config}: no such file")
         if not Path(self.init).exists():

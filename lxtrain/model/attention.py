@@ -1,7 +1,6 @@
 """The one dispatch between the exact PyTorch path and lxtrain's fused kernels (``lxtrain.kernels``).
 
-Backends (``LxmertConfig.attention_backend``; the environment variable ``LXTRAIN_ATTENTION``
-overrides it, so a run can be switched without editing configs, e.g. to compare backends):
+Backends (``LxmertConfig.attention_backend``, set by ``--attention`` in pre-training and fine-tuning):
 - ``eager``: softmax(q k^T / sqrt(d) + bias) v written out in PyTorch; the exact reference.
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (same maths, fused by PyTorch).
 - ``fused``: the project's Triton kernels for attention (self, and both cross-attention directions
@@ -14,8 +13,14 @@ overrides it, so a run can be switched without editing configs, e.g. to compare 
   when asked for. ``AUTO_USES_FUSED_KERNELS`` switches ``auto`` back to "fused on a CUDA GPU for
   the inputs the kernels support, else the exact path" once a measurement says they win.
 
-``resolve_backend`` settles what the configuration and device decide; what depends on a call's
-shapes is decided per call by the functions below, which every layer uses.
+Precedence, settled once when a model is built (``set_attention_backend``, which the backbone
+calls): the environment variable ``LXTRAIN_ATTENTION`` if set (to switch a run without editing its
+command, e.g. to compare backends), else the requested backend (``--attention``, else the model
+config's). The choice is stored on the dispatching modules (``BackendDispatch``); no forward reads
+the environment. What the device decides is settled per call by ``resolve_backend`` (a pure
+function of the choice and the device), what a call's shapes decide by the functions below.
+Parallelism is not the model's business: the engine (``lxtrain.engine.check_attention_backend``)
+refuses ``fused`` under ZeRO-3 and keeps ``auto``'s epilogues exact there.
 """
 
 from __future__ import annotations
@@ -52,19 +57,72 @@ def _report_once(message: str, level: int = logging.WARNING) -> None:
         logger.log(level, message)
 
 
-def resolve_backend(configured: str, device: torch.device | str | None = None) -> str:
-    """The backend to run on ``device`` (default CPU): the environment override if set, else the configured one.
+class BackendDispatch:
+    """Marks the modules whose forward dispatches on an attention backend.
+
+    ``backend`` is the backend chosen for the model (``auto``, ``eager``, ``sdpa`` or ``fused``);
+    ``fused_epilogues`` is False where the engine keeps the epilogues on the exact path (ZeRO-3).
+    """
+
+    backend: str = "auto"
+    fused_epilogues: bool = True
+
+
+def choose_backend(requested: str) -> str:
+    """The backend a model built now runs: ``LXTRAIN_ATTENTION`` if set (non-empty), else ``requested``.
+
+    Reads the environment once; raises ``ValueError`` naming where an unknown name came from.
+    """
+    override = os.environ.get(ENV_OVERRIDE, "")
+    backend = override or requested
+    if backend not in ATTENTION_BACKENDS:
+        source = f"the environment variable {ENV_OVERRIDE}" if override else "--attention / the model config"
+        raise ValueError(f"attention backend {backend!r} (from {source}) is not one of {ATTENTION_BACKENDS}")
+    return backend
+
+
+def set_attention_backend(model: nn.Module, requested: str) -> str:
+    """Give every dispatching module of ``model`` the backend ``choose_backend(requested)``; returns it.
+
+    The one place a built model's backend is set: the backbone calls it at construction with the
+    config's ``attention_backend``; an entry point that builds its model from a stored config calls
+    it again with its ``--attention`` (``LXTRAIN_ATTENTION`` still wins).
+    """
+    backend = choose_backend(requested)
+    for module in model.modules():
+        if isinstance(module, BackendDispatch):
+            module.backend = backend
+    return backend
+
+
+def attention_backend_of(model: nn.Module) -> str | None:
+    """The backend ``model``'s dispatching modules hold (None: no LXMERT layers in it)."""
+    backends = {module.backend for module in model.modules() if isinstance(module, BackendDispatch)}
+    if len(backends) > 1:
+        raise ValueError(f"the model's layers hold different attention backends {sorted(backends)}")
+    return next(iter(backends), None)
+
+
+def keep_epilogues_exact(model: nn.Module) -> None:
+    """Run ``model``'s layer epilogues on the exact PyTorch path whatever the backend; attention is unchanged.
+
+    For DeepSpeed ZeRO-3, which gathers a module's weights only inside that module's own forward:
+    the fused epilogues read the dense and LayerNorm weights from the parent block.
+    """
+    for module in model.modules():
+        if isinstance(module, BackendDispatch):
+            module.fused_epilogues = False
+
+
+def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
+    """What the chosen ``backend`` runs on ``device`` (default CPU); reads no environment.
 
     Returns ``eager``, ``sdpa``, ``fused``, or ``auto`` when the fused kernels can run on the device
     and the inputs of each call decide (the functions below fall back to the exact path per call).
     Raises if ``fused`` is forced where the kernels cannot run.
     """
-    backend = os.environ.get(ENV_OVERRIDE, configured) or configured
     if backend not in ATTENTION_BACKENDS:
-        raise ValueError(
-            f"attention backend {backend!r} (from {ENV_OVERRIDE} or the model config) is not one of "
-            f"{ATTENTION_BACKENDS}"
-        )
+        raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")
     if backend in EXACT_BACKENDS:
         return backend
     device = torch.device(device if device is not None else "cpu")
@@ -77,7 +135,7 @@ def resolve_backend(configured: str, device: torch.device | str | None = None) -
     if backend == "auto" and not AUTO_USES_FUSED_KERNELS:
         _report_once(
             f"attention backend 'auto' on {device}: using sdpa, measured faster than lxtrain's fused "
-            "kernels at LXMERT's shapes (LXTRAIN_ATTENTION=fused runs them)",
+            "kernels at LXMERT's shapes (--attention fused or LXTRAIN_ATTENTION=fused runs them)",
             logging.INFO,
         )
         return "sdpa"
@@ -185,17 +243,9 @@ def bidirectional_attention(
     return torch.cat([part.transpose(1, 2).flatten(2) for part in attended], dim=1)
 
 
-def _zero3_managed(*parameters: torch.Tensor | None) -> bool:
-    # DeepSpeed ZeRO-3 gathers a module's weights only inside that module's own forward; reading
-    # them from a parent (as the fused epilogues do) would see empty partitions.
-    return any(hasattr(parameter, "ds_id") for parameter in parameters if parameter is not None)
-
-
 def _epilogue_reason(dense: nn.Linear, *tensors: torch.Tensor | None) -> str | None:
     if dense.bias is None:
         return "the dense layer has no bias"
-    if _zero3_managed(dense.weight, dense.bias, *tensors):
-        return "DeepSpeed ZeRO-3 partitions these parameters"
     present = [tensor for tensor in tensors if tensor is not None]
     return kernels.epilogue_unsupported_reason(*present, dense.weight, dense.bias)
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from lxtrain.model.attention import (
     EXACT_BACKENDS,
+    BackendDispatch,
     attention,
     bidirectional_attention,
     dense_dropout_residual_norm,
@@ -58,8 +59,12 @@ class ObjectEmbeddings(nn.Module):
         return self.dropout((feature_part + box_part) / 2)  # (B, O, D)
 
 
-class MultiHeadAttention(nn.Module):
-    """Queries from one sequence attend to keys/values of a context (itself, or the other modality)."""
+class MultiHeadAttention(nn.Module, BackendDispatch):
+    """Queries from one sequence attend to keys/values of a context (itself, or the other modality).
+
+    ``backend`` (and ``fused_epilogues``, read by the enclosing ``AttentionBlock``) are set once, at
+    construction or by ``set_attention_backend``; see ``lxtrain.model.attention``.
+    """
 
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
@@ -69,6 +74,7 @@ class MultiHeadAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
         self.backend = config.attention_backend
+        self.fused_epilogues = True
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -104,12 +110,15 @@ class AttentionBlock(nn.Module):
     ) -> torch.Tensor:
         attended = self.attention(hidden, context, context_bias)
         backend = resolve_backend(self.attention.backend, hidden.device)
-        if backend in EXACT_BACKENDS:
+        if backend in EXACT_BACKENDS or not self.attention.fused_epilogues:
             return self.norm(self.dropout(self.output(attended)) + hidden)
         return self._fused_epilogue(attended, hidden, backend)
 
     def _fused_epilogue(self, attended: torch.Tensor, residual: torch.Tensor, backend: str) -> torch.Tensor:
         dropout_p = self.dropout.p if self.training else 0.0
+        if not self.attention.fused_epilogues:
+            # Same maths as the exact branch of forward (F.dropout draws like nn.Dropout).
+            backend = "sdpa"
         return dense_dropout_residual_norm(self.output, self.norm, attended, residual, dropout_p, backend)
 
     def both_directions(
@@ -144,7 +153,7 @@ class AttentionBlock(nn.Module):
         return both[:, : language.shape[1]].contiguous(), both[:, language.shape[1] :].contiguous()
 
 
-class FeedForward(nn.Module):
+class FeedForward(nn.Module, BackendDispatch):
     """Linear D->F, exact GELU, Linear F->D, dropout, residual, LayerNorm."""
 
     def __init__(self, config: LxmertConfig) -> None:
@@ -154,12 +163,13 @@ class FeedForward(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         # The attention backend also decides the epilogues: 'fused' (and 'auto' where it resolves to
-        # the kernels) routes them there.
+        # the kernels) routes them there, unless the engine keeps them exact (ZeRO-3).
         self.backend = config.attention_backend
+        self.fused_epilogues = True
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         backend = resolve_backend(self.backend, hidden.device)
-        if backend in EXACT_BACKENDS:
+        if backend in EXACT_BACKENDS or not self.fused_epilogues:
             return self.norm(self.dropout(self.down(F.gelu(self.up(hidden)))) + hidden)
         inner = dense_gelu(self.up, hidden, backend)
         dropout_p = self.dropout.p if self.training else 0.0

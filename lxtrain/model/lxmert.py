@@ -11,7 +11,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from lxtrain.model.attention import padding_bias
+from lxtrain.model.attention import padding_bias, set_attention_backend
 from lxtrain.model.config import LxmertConfig
 from lxtrain.model.heads import AnswerHead, MaskedLMHead, ObjectHead
 from lxtrain.model.layers import CrossModalityLayer, ObjectEmbeddings, TextEmbeddings, TransformerLayer
@@ -78,6 +78,8 @@ class LxmertBackbone(nn.Module):
         self.object_layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_object_layers))
         self.cross_layers = nn.ModuleList(CrossModalityLayer(config) for _ in range(config.num_cross_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        # The backend is settled here, once per model (LXTRAIN_ATTENTION read now, never per forward).
+        set_attention_backend(self, config.attention_backend)
 
     def forward(
         self,
