@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from lxtrain.data import finetune_shards
 from lxtrain.data.collate import SENTENCE_IDS
 from lxtrain.data.loader import build_pretrain_loader
 from lxtrain.data.plan import StreamLayout
+from lxtrain.downstream.data import META, build_loader
+from lxtrain.synthetic import finetuning as synthetic_tasks
 from lxtrain.synthetic.pretraining import SyntheticConfig, World, generate
 
 MICRO = 4  # b: examples per micro-batch
@@ -199,3 +202,50 @@ def test_worker_processes_follow_the_stream_order(shards: Path) -> None:
     for x, y in zip(head + tail, reference, strict=True):
         for key in x:
             assert torch.equal(x[key], y[key]), key
+
+
+@pytest.fixture(scope="module")
+def vqa_index(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tasks")
+    world = World(feature_dim=8, boxes=4, max_objects=3)
+    synthetic_tasks.generate(
+        synthetic_tasks.TaskSetConfig(out=out, images=40, sets=8, world=world, shards=True)
+    )
+    return finetune_shards.open_finetune_index(out / "shards" / "vqa_train")
+
+
+def _finetune_steps(index, world_size: int, workers: int, epoch: int = 0, step: int = 0) -> list[list[list]]:
+    """Fine-tuning steps from ``step`` on, each the M micro-batches' example ids in order."""
+    accumulation = STEP_MICRO_BATCHES // world_size
+    per_rank = []
+    for rank in range(world_size):
+        loader = build_loader(
+            index,
+            batch_size=3,
+            rank=rank,
+            world_size=world_size,
+            num_workers=workers,
+            seed=5,
+            train=True,
+            accumulation=accumulation,
+        )
+        if workers:  # the data loader's worker processes would need `multiproc`: same roles in-process
+            loader.num_workers = 0
+        per_rank.append([[row["id"] for row in b[META]] for b in loader.epoch(epoch, step * accumulation)])
+    steps = len(per_rank[0]) // accumulation
+    return [
+        [ids for batches in per_rank for ids in batches[s * accumulation : (s + 1) * accumulation]]
+        for s in range(steps)
+    ]
+
+
+def test_finetuning_global_batches_do_not_depend_on_the_world_size_or_workers(vqa_index) -> None:
+    reference = _finetune_steps(vqa_index, 1, 0, epoch=1)
+    assert len(reference) >= 4
+    ids = [i for step in reference for batch in step for i in batch]
+    assert len(set(ids)) == len(ids)
+    for world_size, _ in LAYOUTS:
+        for workers in (0, 2, 3):
+            assert _finetune_steps(vqa_index, world_size, workers, epoch=1) == reference
+    # A resume at step 2 on 4 ranks continues a 2-rank epoch exactly.
+    assert _finetune_steps(vqa_index, 4, 2, epoch=1, step=2) == reference[2:]

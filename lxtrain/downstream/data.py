@@ -1,15 +1,18 @@
-"""Fine-tuning batches from fine-tuning shards: per-rank, per-worker split, shuffle, tokenise, collate.
+"""Fine-tuning batches from fine-tuning shards: virtual streams, shuffle, tokenise, collate.
 
 The split reuses the pre-training planner (``lxtrain.data.plan``): an epoch's shard order is a
-permutation seeded by (seed, epoch), its examples laid end to end are cut into world x workers
-equal slots, and each (rank, worker) reads only its slot. Training draws examples from a
-seeded buffer (so a batch rarely holds two questions of one image) and yields the same number
-of full batches in every slot, hence on every rank; evaluation reads each slot in order and
+permutation seeded by (seed, epoch) and its examples laid end to end are cut into equal
+stretches. Training uses V = world_size x accumulation x interleave stretches, the pre-training
+loader's virtual streams: micro-batch j of global step s is batch s // interleave of stream
+(s % interleave) x M + j (M = world_size x accumulation), each stream drawing from its own seeded
+buffer (so a batch rarely holds two questions of one image), so the global batches do not depend
+on the world size or the worker count, and every stream, hence every rank, yields the same
+number of full batches. Evaluation cuts one stretch per (rank, worker), reads it in order and
 keeps the last partial batch, so every example is predicted exactly once.
 
-Resuming mid-epoch replays the slot's draws up to the position without collating them (the
+Resuming mid-epoch replays each stream's draws up to the position without collating them (the
 images are read again; the batches after the position are exactly the ones an uninterrupted
-run would have produced).
+run would have produced, on any world size with the same global batch).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lxtrain import batch as B
 from lxtrain.data.finetune_shards import FinetuneIndex, FinetuneSample
-from lxtrain.data.plan import shard_order, stream_plan
+from lxtrain.data.plan import StreamLayout, shard_order, stream_plan, stretch_bounds
 from lxtrain.data.shard_format import CorruptSampleError
 from lxtrain.data.tokenizer import WordPieceEncoder
 from lxtrain.downstream.models import IGNORE_INDEX, PAIR_LABELS, TARGETS
@@ -73,7 +76,13 @@ def collate(
 
 
 class FinetuneStream(IterableDataset):
-    """The batches of one rank (split between its data-loader workers), for one epoch."""
+    """The batches of one rank (split between its data-loader workers), for one epoch.
+
+    Training uses the pre-training loader's virtual streams (:class:`lxtrain.data.plan.StreamLayout`):
+    V = world_size x accumulation x ``interleave`` stretches, each with its own shuffle buffer seeded
+    by (seed, epoch, stream), so the global batches of a step do not depend on the world size or
+    the worker count. Evaluation keeps one stretch per (rank, worker), read in order.
+    """
 
     def __init__(
         self,
@@ -87,10 +96,21 @@ class FinetuneStream(IterableDataset):
         train: bool,
         tokenizer: str | None = None,
         buffer_examples: int = 512,
+        accumulation: int = 1,
+        interleave: int = 2,
     ) -> None:
         self.index = index
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.workers = max(workers, 1)
+        self.layout = StreamLayout(world_size * accumulation, interleave, rank, world_size) if train else None
+        requested = max(workers, 1)
+        self.workers = requested if self.layout is None else self.layout.usable_workers(requested)
+        if self.workers < workers:
+            print(
+                f"warning: num_workers {workers} does not divide this rank's {self.layout.local_streams} "
+                f"streams (accumulation {accumulation} x interleave {interleave}): using {self.workers} "
+                "workers, which give the same batches",
+                file=sys.stderr,
+            )
         self.seed, self.train, self.tokenizer = seed, train, tokenizer
         self.buffer_examples = buffer_examples
         self.num_answers = len(index.answers or [])
@@ -99,27 +119,32 @@ class FinetuneStream(IterableDataset):
         self.skip = 0  # batches of this rank already consumed in this epoch (resume)
 
     @property
-    def num_slots(self) -> int:
-        return self.world_size * self.workers
+    def num_stretches(self) -> int:
+        return self.world_size * self.workers if self.layout is None else self.layout.streams
 
-    def slot_batches(self, slot: int) -> int:
-        """Batches slot ``slot`` yields in an epoch (training: the same in every slot)."""
+    @property
+    def local_stretches(self) -> list[int]:
+        if self.layout is None:
+            return [self.rank * self.workers + role for role in range(self.workers)]
+        return [self.layout.stream_id(local) for local in range(self.layout.local_streams)]
+
+    def stretch_batches(self, stretch: int) -> int:
+        """Batches stretch ``stretch`` yields in an epoch (training: the same in every stretch)."""
         total = self.index.examples
         if self.train:
-            return (total // self.num_slots) // self.batch_size
-        size = (slot + 1) * total // self.num_slots - slot * total // self.num_slots
-        return -(-size // self.batch_size)
+            return (total // self.num_stretches) // self.batch_size
+        lo, hi = stretch_bounds(total, self.num_stretches, stretch)
+        return -(-(hi - lo) // self.batch_size)
 
     def rank_batches(self) -> int:
-        first = self.rank * self.workers
-        return sum(self.slot_batches(slot) for slot in range(first, first + self.workers))
+        return sum(self.stretch_batches(stretch) for stretch in self.local_stretches)
 
-    def _examples(self, slot: int) -> Iterator[tuple[FinetuneSample, dict]]:
+    def _examples(self, stretch: int) -> Iterator[tuple[FinetuneSample, dict]]:
         order = shard_order(len(self.index.shards.shards), self.seed, self.epoch, shuffle=self.train)
-        plan = stream_plan(self.index.shards, order, self.num_slots, slot)
+        plan = stream_plan(self.index.shards, order, self.num_stretches, stretch)
         start = 0
         while start < len(plan):
-            # A slot reads runs of consecutive samples of one shard; read each run in one pass.
+            # A stretch reads runs of consecutive samples of one shard; read each run in one pass.
             stop = start
             while (
                 stop + 1 < len(plan)
@@ -140,8 +165,8 @@ class FinetuneStream(IterableDataset):
                     yield sample, example
             start = stop + 1
 
-    def _shuffled(self, slot: int, stream: Iterator) -> Iterator[tuple[FinetuneSample, dict]]:
-        rng = np.random.default_rng([self.seed, self.epoch, slot, 0xF17E])
+    def _shuffled(self, stretch: int, stream: Iterator) -> Iterator[tuple[FinetuneSample, dict]]:
+        rng = np.random.default_rng([self.seed, self.epoch, stretch, 0xF17E])
         buffer: list = []
         for item in stream:
             buffer.append(item)
@@ -154,51 +179,93 @@ class FinetuneStream(IterableDataset):
             buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
             yield buffer.pop()
 
-    def iter_slot(self, slot: int, worker: int) -> Iterator[dict]:
-        encoder = WordPieceEncoder(self.tokenizer)
-        stream = self._examples(slot)
+    def _item_batches(self, stretch: int) -> Iterator[list[tuple[FinetuneSample, dict]]]:
+        """The stretch's batches as lists of (sample, example), before collation."""
+        stream = self._examples(stretch)
         if self.train:
-            # Skipped corrupt samples could leave a slot short of its batch count, and every rank
-            # must take the same number of steps: a short slot goes round its stream again.
-            stream = itertools.chain(self._shuffled(slot, stream), self._shuffled(slot, self._examples(slot)))
-        limit = self.slot_batches(slot)
-        # This worker's share of the rank's consumed batches (the DataLoader takes workers in turn).
-        skip = max(0, -(-(self.skip - worker) // self.workers))
+            # Skipped corrupt samples could leave a stretch short of its batch count, and every rank
+            # must take the same number of steps: a short stretch goes round its stream again.
+            stream = itertools.chain(
+                self._shuffled(stretch, stream), self._shuffled(stretch, self._examples(stretch))
+            )
+        limit = self.stretch_batches(stretch)
         items: list = []
         produced = 0
         for item in stream:
             items.append(item)
             if len(items) == self.batch_size:
-                if produced >= skip:
-                    yield collate(items, self.index.task, encoder, self.num_answers)
+                yield items
                 produced, items = produced + 1, []
                 if produced >= limit:
                     return
-        if items and not self.train and produced >= skip:
+        if items and not self.train:
+            yield items
+
+    def iter_role(self, role: int) -> Iterator[dict]:
+        """The batches of worker role ``role`` from the resume point on (see FinetuneLoader)."""
+        encoder = WordPieceEncoder(self.tokenizer)
+        workers, skip = self.workers, self.skip
+        if self.layout is None:
+            owned = {role: max(0, -(-(skip - role) // workers))}
+            schedule = ((role, None) for _ in itertools.count())
+        else:
+            layout = self.layout
+            owned = {
+                local: layout.consumed(local, skip) for local in range(role, layout.local_streams, workers)
+            }
+            first = skip + (role - skip) % workers
+            schedule = (layout.locate(g) for g in range(first, self.rank_batches(), workers))
+        streams = {}
+        for local, done in owned.items():
+            # Resume: the consumed batches are drawn again (images read) but not collated.
+            streams[local] = self._item_batches(self.local_stretches[local])
+            for _ in itertools.islice(streams[local], done):
+                pass
+        for local, _ in schedule:
+            items = next(streams[local], None)
+            if items is None:
+                return
             yield collate(items, self.index.task, encoder, self.num_answers)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        yield from self.iter_slot(self.rank * self.workers + worker, worker)
+        if info is None:
+            return self.iter_role(0)
+        # Rotation: the loader polls worker 0 first, so it plays the role of the next batch.
+        return self.iter_role((info.id + self.skip) % self.workers)
 
 
 class FinetuneLoader:
-    """The rank's batches of one epoch from ``position`` on; ``len`` is the full epoch's batch count."""
+    """The rank's batches of one epoch from ``position`` on; ``len`` is the full epoch's batch count
+    (training: steps per epoch x accumulation, the steps the same on every world size)."""
 
     def __init__(self, stream: FinetuneStream, num_workers: int) -> None:
-        self.stream, self.num_workers = stream, num_workers
+        self.stream = stream
+        self.num_workers = stream.workers if num_workers else 0
 
     def __len__(self) -> int:
         return self.stream.rank_batches()
 
     def epoch(self, epoch: int, position: int = 0) -> Iterator[dict]:
+        """Batches of ``epoch`` after this rank's first ``position`` (``step x accumulation``)."""
         # A copy per call: an iterator still running (training) keeps its own epoch and position.
         stream = copy.copy(self.stream)
         stream.epoch, stream.skip = epoch, position
         if self.num_workers == 0:
-            return iter(stream)
+            return _round_robin(stream)
         return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers))
+
+
+def _round_robin(stream: FinetuneStream) -> Iterator[dict]:
+    """The worker roles' batches in the data loader's polling order, in this process."""
+    roles = [stream.iter_role((i + stream.skip) % stream.workers) for i in range(stream.workers)]
+    while roles:
+        for role in list(roles):
+            batch = next(role, None)
+            if batch is None:
+                roles.remove(role)
+            else:
+                yield batch
 
 
 def build_loader(
@@ -211,7 +278,10 @@ def build_loader(
     seed: int,
     train: bool,
     tokenizer: str | None = None,
+    accumulation: int = 1,
 ) -> FinetuneLoader:
+    """A rank's fine-tuning loader; ``accumulation`` (training) fixes the global batch with the
+    world size, and with it the order (evaluation ignores it)."""
     stream = FinetuneStream(
         index,
         batch_size=batch_size,
@@ -221,5 +291,6 @@ def build_loader(
         seed=seed,
         train=train,
         tokenizer=tokenizer,
+        accumulation=accumulation,
     )
     return FinetuneLoader(stream, num_workers)
