@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
+from lxtrain.cli import parse_config
 from lxtrain.compiling import COMPILE_MODES
 from lxtrain.model.config import ATTENTION_BACKENDS, LxmertConfig
 from lxtrain.tasks.objectives import DEFAULT_MLM_CAPACITY
@@ -175,44 +175,12 @@ class PretrainConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> PretrainConfig:
-    """CLI flags mirror the dataclass fields (``--train-shards`` for ``train_shards``)."""
-    parser = argparse.ArgumentParser(
-        prog="lxtrain/pretrain.py", description="LXMERT pre-training with DeepSpeed"
+    """CLI flags mirror the dataclass fields (``--train-shards`` for ``train_shards``); help texts are
+    the fields' attribute docstrings (``lxtrain.cli``)."""
+    return parse_config(
+        PretrainConfig,
+        argv,
+        prog="lxtrain/pretrain.py",
+        description="LXMERT pre-training with DeepSpeed",
+        choices={"attention": ATTENTION_BACKENDS},
     )
-    defaults = PretrainConfig.__dataclass_fields__
-    required = {"deepspeed_config", "train_shards", "output_dir"}
-    field_help = _field_docs()
-    for field in dataclasses.fields(PretrainConfig):
-        flags = [f"--{field.name.replace('_', '-')}"]
-        if field.name == "deepspeed_config":
-            flags = ["--deepspeed_config", "--deepspeed-config"]  # the spelling DeepSpeed users know
-        help_text = field_help.get(field.name, "")
-        if isinstance(defaults[field.name].default, bool):
-            parser.add_argument(
-                *flags, dest=field.name, action=argparse.BooleanOptionalAction, help=help_text
-            )
-            parser.set_defaults(**{field.name: defaults[field.name].default})
-            continue
-        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(
-            str(field.type), str
-        )
-        kwargs = {"required": True} if field.name in required else {"default": defaults[field.name].default}
-        parser.add_argument(*flags, dest=field.name, type=kind, help=help_text, **kwargs)
-    # Passed by the deepspeed launcher to every rank; the rank comes from the environment instead.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = vars(parser.parse_args(argv))
-    args.pop("local_rank")
-    return PretrainConfig(**args)
-
-
-def _field_docs() -> dict[str, str]:
-    """Each PretrainConfig field's attribute docstring, read from the source: one text for code and --help."""
-    import inspect
-
-    lines = [line.strip() for line in inspect.getsource(PretrainConfig).splitlines()]
-    docs = {}
-    for line, following in zip(lines, lines[1:], strict=False):
-        name = line.split(":", 1)[0]
-        if ":" in line and name.isidentifier() and following.startswith('"""'):
-            docs[name] = following.strip('"').replace("%", "%%")  # argparse formats help with %
-    return docs

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 from typing import Any
 
+from lxtrain.cli import parse_config
 from lxtrain.data.finetune_shards import TASKS
 from lxtrain.downstream.weights import INIT_FORMATS
 from lxtrain.model.config import ATTENTION_BACKENDS
@@ -90,34 +90,10 @@ class FinetuneConfig:
 
 def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
     """Flags are the field names with dashes (``--train-shards``); ``--deepspeed_config`` also works."""
-    parser = argparse.ArgumentParser(
-        prog="lxtrain/finetune.py", description="LXMERT fine-tuning with DeepSpeed"
+    return parse_config(
+        FinetuneConfig,
+        argv,
+        prog="lxtrain/finetune.py",
+        description="LXMERT fine-tuning with DeepSpeed",
+        choices={"attention": ATTENTION_BACKENDS},
     )
-    kinds = {"int": int, "float": float, "int | None": int, "float | None": float}
-    for field in dataclasses.fields(FinetuneConfig):
-        flags = [f"--{field.name.replace('_', '-')}"]
-        if field.name == "deepspeed_config":
-            flags.insert(0, "--deepspeed_config")
-        help_text = field.metadata["help"].replace("%", "%%")
-        if field.type == "bool":
-            parser.add_argument(
-                *flags,
-                dest=field.name,
-                action=argparse.BooleanOptionalAction,
-                default=field.default,
-                help=help_text,
-            )
-        elif field.metadata.get("required"):
-            parser.add_argument(*flags, dest=field.name, required=True, help=help_text)
-        else:
-            parser.add_argument(
-                *flags,
-                dest=field.name,
-                type=kinds.get(str(field.type), str),
-                default=field.default,
-                help=help_text,
-            )
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = vars(parser.parse_args(argv))
-    args.pop("local_rank")
-    return FinetuneConfig(**args)
