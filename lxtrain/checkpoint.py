@@ -374,12 +374,7 @@ def load(engine: Any, directory: Path, tag: str, identity: dict[str, Any] | None
     rank = dist.get_rank() if dist.is_initialized() else 0
     saved_world, saved_stage = saved_layout(path, state)
     world, stage = _dp_world_size(engine), _zero_stage(engine)
-    if (saved_stage == 0) != (stage == 0):
-        raise ValueError(
-            f"--resume {path}: the checkpoint was written with ZeRO stage {saved_stage if saved_stage is not None else '1-3'}, "
-            f"this run uses ZeRO stage {stage}; DeepSpeed cannot move optimizer state between ZeRO and no ZeRO. "
-            "Fix: resume with a DeepSpeed config of a ZeRO stage >= 1 on both sides (or 0 on both)"
-        )
+    _check_stage_change(path, saved_stage, stage)
     elastic = stage > 0 and (saved_world != world or (saved_stage is not None and saved_stage != stage))
     try:
         with weights_only_loads(engine):
@@ -413,6 +408,26 @@ def load(engine: Any, directory: Path, tag: str, identity: dict[str, Any] | None
     if loaded is None:
         raise RuntimeError(f"{path}: DeepSpeed found no checkpoint to load in this directory")
     return state
+
+
+def _check_stage_change(path: Path, saved_stage: int | None, stage: int) -> None:
+    """Refuse the ZeRO stage changes DeepSpeed 0.19.8 cannot load, naming both stages.
+
+    Between no ZeRO and ZeRO, DeepSpeed would silently start from fresh optimizer state. Between
+    ZeRO-3 and ZeRO-1/2 the universal load fails: ZeRO-3 reads per-rank model-state files
+    (``zero_pp_rank_0_mp_rank_00_model_states.pt``) that a ZeRO-1/2 checkpoint does not have, and
+    ZeRO-1/2 read ``mp_rank_00_model_states.pt``, which a ZeRO-3 one does not have (seen).
+    ZeRO-1 <-> ZeRO-2 goes through the universal form.
+    """
+    if saved_stage is None or saved_stage == stage:
+        return
+    if (saved_stage == 0) != (stage == 0) or (saved_stage == 3) != (stage == 3):
+        raise ValueError(
+            f"--resume {path}: the checkpoint was written with ZeRO stage {saved_stage}, this run uses ZeRO "
+            f"stage {stage}; DeepSpeed cannot carry the optimizer state from one to the other. Fix: resume "
+            f"with a DeepSpeed config of ZeRO stage {saved_stage} (zero_optimization.stage; any number of "
+            "ranks works), or start a new run (--resume none)"
+        )
 
 
 def elastic_seed(state: dict[str, Any], rank: int) -> int:
