@@ -466,6 +466,7 @@ def run_pretrain(record_path: Path, warm_steps: int, pretrain_args: list[str]) -
     from lxtrain import distributed, pretrain
     from lxtrain.config import parse_args
     from lxtrain.monitor import detect_peak_tflops, training_flops_per_sample
+    from lxtrain.tasks import pretraining
     from lxtrain.train.loop import StepHooks
 
     cfg = parse_args(pretrain_args)
@@ -509,14 +510,14 @@ def run_pretrain(record_path: Path, warm_steps: int, pretrain_args: list[str]) -
 
     signal.signal(signal.SIGTERM, on_term)
     engines: list[Any] = []
-    build_engine = pretrain.build_engine
+    build_engine = pretraining.build_engine
 
     def keep_engine(*args: Any, **kwargs: Any) -> Any:  # to read the compile mode the run resolved
         built = build_engine(*args, **kwargs)
         engines.append(built[0])
         return built
 
-    pretrain.build_engine = keep_engine
+    pretraining.build_engine = keep_engine
     _write(record_path, record)
     try:
         info = distributed.init(cfg.collective_timeout_s)

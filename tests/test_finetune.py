@@ -418,7 +418,7 @@ def _config(tmp_path: Path, shards: Path, train: str, valid: str | None, task: s
 
 
 def test_training_and_validation_splits_must_be_labelled_and_agree(tmp_path, task_sets):
-    from lxtrain.finetune import open_splits
+    from lxtrain.downstream.finetuning import open_splits
 
     shards = task_sets / "shards"
     train, valid = open_splits(_config(tmp_path, shards, "vqa_train", "vqa_minival"))

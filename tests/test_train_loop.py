@@ -232,3 +232,18 @@ def test_nonfinite_losses_are_skipped_then_stop_with_the_last_good_weights(
     assert "non-finite loss(es)" in out and "non-finite losses in a row" in out
     saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step"))
     assert saved, "the last good weights were not saved"
+
+
+def test_finetune_steps_read_nothing_back_between_log_steps(one_rank, task_setup, tmp_path):
+    """The fine-tuning step is as sync-free as pre-training's (tests/test_syncs.py): no host read
+    from lxtrain's code during steps that are not log steps."""
+    from sync_probe import CountingHooks
+
+    hooks = CountingHooks(first_step=3, log_every=4)
+    cfg = finetune_cfg(task_setup, tmp_path, "--max-steps", "8", "--log-every", "4", "--no-export")
+    cfg.valid_shards = None  # validation gathers predictions on the host by design; not a step
+    assert finetune.run(cfg, one_rank, Stop(), hooks) == 0
+    assert hooks.counted_steps == [3, 5, 6, 7]
+    assert hooks.counter.ops > 500, "the counter saw no training step"
+    assert hooks.counter.reads["lxtrain"] == {}, json.dumps(hooks.counter.reads["lxtrain"], indent=1)
+    assert hooks.counter.reads["other"] == {}, json.dumps(hooks.counter.reads["other"], indent=1)

@@ -16,7 +16,7 @@ from lxtrain.tasks.meter import TaskMeter
 from lxtrain.tasks.objectives import TASKS
 
 if TYPE_CHECKING:
-    from lxtrain.pretrain import PretrainData
+    from lxtrain.tasks.pretraining import PretrainData
 
 
 def object_word_tally(
