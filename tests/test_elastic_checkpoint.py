@@ -86,7 +86,9 @@ def train_step(engine, rank: int, step: int) -> float:
     return float(loss)
 
 
-def worker(phase: str, root: Path, layouts: list[tuple[int, str]]) -> None:
+def worker(phase: str, root: Path, layouts: list[tuple]) -> None:
+    """Save or load every layout in turn; a layout ``(stage, precision, source)`` loads the
+    checkpoint written by the layout named ``source`` (a ZeRO stage change)."""
     import deepspeed
     import torch.distributed as dist
 
@@ -96,9 +98,11 @@ def worker(phase: str, root: Path, layouts: list[tuple[int, str]]) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     report: dict[str, dict] = {}
-    for stage, precision in layouts:
+    for stage, precision, *source in layouts:
         name = layout_name(stage, precision)
-        directory = root / name
+        directory = root / (source[0] if source else name)
+        if source:
+            name = f"{name}<-{source[0]}"
         torch.manual_seed(0 if phase == "save" else 1)  # a loaded run starts from other weights
         engine = initialize(TwoLayers(), deepspeed_config(stage, precision, world))
         entry: dict = {}
@@ -108,7 +112,7 @@ def worker(phase: str, root: Path, layouts: list[tuple[int, str]]) -> None:
             checkpoint.save(engine, directory, STEP, {"step": STEP, "config": {"seed": 5}}, keep_last=2)
             expected = full_state(engine)
             if rank == 0:
-                torch.save(expected, directory / "expected.pt")
+                torch.save({"state": expected, "lr": engine.get_lr()[0]}, directory / "expected.pt")
         else:
             started = time.monotonic()
             try:
@@ -122,7 +126,9 @@ def worker(phase: str, root: Path, layouts: list[tuple[int, str]]) -> None:
             entry["global_steps"] = int(engine.global_steps)
             entry["lr"] = engine.get_lr()[0]
             loaded = full_state(engine)
-            expected = torch.load(directory / "expected.pt", weights_only=True)
+            saved = torch.load(directory / "expected.pt", weights_only=True)
+            expected = saved["state"]
+            entry["saved_lr"] = saved["lr"]
             entry["max_difference"] = {
                 key: float((loaded[key] - expected[key]).abs().max()) for key in sorted(expected)
             }
@@ -149,12 +155,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(
-    phase: str, world: int, root: Path, layouts: list[tuple[int, str]], timeout: float = 240
-) -> list[dict]:
+def launch(phase: str, world: int, root: Path, layouts: list[tuple], timeout: float = 240) -> list[dict]:
     """Run ``world`` ranks of the worker; return each rank's report."""
     port = _free_port()
-    spec = ",".join(f"{stage}:{precision}" for stage, precision in layouts)
+    spec = ",".join(":".join(map(str, layout)) for layout in layouts)
     failed = []
     with contextlib.ExitStack() as logs:
         processes = []
@@ -198,6 +202,19 @@ def launch(
 def test_model_and_optimizer_state_load_on_another_world_size(tmp_path):
     launch("save", 2, tmp_path, LAYOUTS)
     tag = f"step{STEP:08d}"
+    from lxtrain import checkpoint
+
+    for stage, precision in LAYOUTS:  # the one ZeRO consolidation (export, fine-tuning --init)
+        directory = tmp_path / layout_name(stage, precision)
+        expected = torch.load(directory / "expected.pt", weights_only=True)["state"]
+        consolidated = checkpoint.fp32_state_dict(directory, tag, prefix="")
+        assert sorted(consolidated) == ["first.bias", "first.weight", "second.bias", "second.weight"]
+        for key, tensor in consolidated.items():
+            assert tensor.dtype == torch.float32 and torch.equal(tensor, expected[f"{key}/fp32"]), (
+                stage,
+                key,
+            )
+        assert sorted(checkpoint.fp32_state_dict(directory, tag, prefix="second.")) == ["bias", "weight"]
     # A checkpoint that cannot be converted: every rank must hear of it, none may hang.
     broken = tmp_path / layout_name(2, "broken")
     shutil.copytree(tmp_path / layout_name(2, "fp32"), broken)
@@ -206,15 +223,20 @@ def test_model_and_optimizer_state_load_on_another_world_size(tmp_path):
     grown = launch("load", 3, tmp_path, LAYOUTS + [(2, "broken")])
     for stage, precision in LAYOUTS:
         assert (tmp_path / layout_name(stage, precision) / tag / "universal").is_dir()
-    shrunk = launch("load", 1, tmp_path, LAYOUTS)
+    # ZeRO-1 <-> ZeRO-2 also go through the universal form (3 <-> 1/2 is refused: test_checkpoint_files).
+    changed = [(2, "bf16", layout_name(1, "bf16")), (1, "fp32", layout_name(2, "fp32"))]
+    shrunk = launch("load", 1, tmp_path, LAYOUTS + changed)
 
     for world, reports in ((3, grown), (1, shrunk)):
-        for stage, precision in LAYOUTS:
-            name = layout_name(stage, precision)
+        names = [layout_name(*layout) for layout in LAYOUTS]
+        if world == 1:
+            names += [f"{layout_name(stage, precision)}<-{source}" for stage, precision, source in changed]
+        for name in names:
             for rank, report in enumerate(reports):
                 entry = report[name]
                 where = f"{name} on {world} rank(s), rank {rank}"
                 assert entry["step"] == STEP and entry["global_steps"] == STEP, where
+                assert entry["lr"] == entry["saved_lr"], where  # the LR schedule's position
                 worst = max(entry["max_difference"].values())
                 assert worst <= TOLERANCE, (where, entry["max_difference"])
                 assert entry["module_matches_master"], where
@@ -229,6 +251,6 @@ if __name__ == "__main__":
     _phase, _root, _spec = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     _layouts = []
     for item in _spec.split(","):
-        _stage, _precision = item.split(":")
-        _layouts.append((int(_stage), _precision))
+        _stage, *_rest = item.split(":")
+        _layouts.append((int(_stage), *_rest))
     worker(_phase, _root, _layouts)
