@@ -285,7 +285,7 @@ def main() -> None:
             peaks[label] = result["peak_rss_mb"]
             print(
                 f"peak RSS per rank, {label} data ({result['batches']} batches of {args.rss_batch_size}, "
-                f"buffer {args.rss_buffer_images} images/worker, {args.workers} workers): "
+                f"buffer {args.rss_buffer_images} images/stream, one stream per worker at 1 rank, {args.workers} workers): "
                 f"{result['peak_rss_mb']:.0f} MB"
             )
         ratio = peaks[f"{args.scale}x"] / peaks["1x"]
