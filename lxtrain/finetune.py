@@ -32,7 +32,7 @@ def run(
 ) -> int:
     # Inputs are checked before anything is built: batch sizes, resume point, splits, answer tables, weights.
     trainer = loop.Trainer(cfg, info, stop, hooks)
-    data = FinetuneData(cfg, trainer.micro_batch, info.rank, info.world_size)
+    data = FinetuneData(cfg, trainer.micro_batch, info.rank, info.world_size, trainer.accumulation)
     plan = trainer.plan(len(data.train), data.what)
     ds_engine, model_config, ds_config, init_note = build_engine(cfg, data, info.world_size, plan.total_steps)
     distributed.print0(

@@ -32,7 +32,9 @@ def run(
 ) -> int:
     # Everything that can be wrong with the inputs is checked before the model is built.
     trainer = Trainer(cfg, info, stop, hooks)
-    data = pretraining.PretrainData(cfg, trainer.micro_batch, info.rank, info.world_size)
+    data = pretraining.PretrainData(
+        cfg, trainer.micro_batch, info.rank, info.world_size, trainer.accumulation
+    )
     plan = trainer.plan(data.batches_per_epoch, str(cfg.train_shards))
     schedule = pretraining.task_schedule(cfg, plan.steps_per_epoch)
     engine, model_config, ds_config = pretraining.build_engine(cfg, data, info.world_size, plan.total_steps)

@@ -19,6 +19,7 @@ from lxtrain.downstream.config import FinetuneConfig
 from lxtrain.downstream.data import FinetuneLoader, build_loader
 from lxtrain.downstream.models import FinetuneObjective, FinetuneOutput, build_model, transfer_answer_head
 from lxtrain.model import LxmertConfig
+from lxtrain.model.attention import set_attention_backend
 from lxtrain.monitor import Monitor
 from lxtrain.train.meter import StepMeter
 
@@ -56,11 +57,14 @@ def open_splits(cfg: FinetuneConfig) -> tuple[FinetuneIndex, FinetuneIndex | Non
 class FinetuneData:
     """The checked splits and this rank's training and validation loaders."""
 
-    def __init__(self, cfg: FinetuneConfig, micro_batch: int, rank: int, world_size: int) -> None:
+    def __init__(
+        self, cfg: FinetuneConfig, micro_batch: int, rank: int, world_size: int, accumulation: int
+    ) -> None:
         self.train_index, self.valid_index = open_splits(cfg)
         layout = {"batch_size": micro_batch, "rank": rank, "world_size": world_size, "seed": cfg.seed}
         options = {"num_workers": cfg.num_workers, "tokenizer": cfg.tokenizer, **layout}
-        self.train = build_loader(self.train_index, train=True, **options)
+        # The global batch fixes the training order, whatever the world size (docs/data.md).
+        self.train = build_loader(self.train_index, train=True, accumulation=accumulation, **options)
         self.valid = build_loader(self.valid_index, train=False, **options) if self.valid_index else None
         self.answers = self.train_index.answers
         self.what = f"{cfg.train_shards} ({self.train_index.examples} examples)"
@@ -82,6 +86,7 @@ def build_network(cfg: FinetuneConfig, train: FinetuneIndex) -> tuple[torch.nn.M
         )
     torch.manual_seed(cfg.seed)  # identical head init on every rank
     model = build_model(cfg.task, config, len(train.answers or []))
+    set_attention_backend(model, cfg.attention)  # the run's --attention; LXTRAIN_ATTENTION still wins
     if cfg.from_scratch:
         return model, config, f"random initialisation (--from-scratch) with the architecture of {cfg.init}"
     model.backbone.load_state_dict(weights.backbone_state(pretrained), strict=True)
@@ -159,6 +164,7 @@ class FinetuneJob:
         self.meter = FinetuneMeter(cfg.task, device)
         self.flops_per_sample = None
         self.has_validation = data.valid is not None
+        self.identity = checkpoint.run_identity(model_config, data.train_index)
         self.score_name = predict.PRIMARY_METRIC[cfg.task]
 
     def batches(self, epoch: int, position: int):

@@ -31,7 +31,9 @@ from lxtrain.train.loop import training_device
 class PretrainData:
     """The training and validation loaders of this rank, positioned by (epoch, batches done)."""
 
-    def __init__(self, cfg: PretrainConfig, micro_batch: int, rank: int, world_size: int) -> None:
+    def __init__(
+        self, cfg: PretrainConfig, micro_batch: int, rank: int, world_size: int, accumulation: int
+    ) -> None:
         common = dict(
             batch_size=micro_batch,
             rank=rank,
@@ -56,6 +58,9 @@ class PretrainData:
             strict=True,
             object_word_ids=tuple(self.object_word_ids),
             object_word_mask_probability=cfg.object_word_mask_probability,
+            # The global batch (world size x accumulation micro-batches) fixes the epoch's order,
+            # so a resume on another world size continues the same stream (docs/data.md).
+            accumulation=accumulation,
             **common,
         )
         self.valid = (
@@ -133,6 +138,7 @@ class PretrainJob:
         self.meter = TaskMeter(device)
         self.flops_per_sample = training_flops_per_sample(model_config)
         self.has_validation = data.has_validation
+        self.identity = checkpoint.run_identity(model_config, data.train.index)
         self.score_name = ""  # no best-model tracking (see score)
 
     def batches(self, epoch: int, position: int):

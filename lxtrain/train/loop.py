@@ -101,12 +101,15 @@ class TrainingJob(Protocol):
         flops_per_sample: training FLOPs of one example, for the MFU scalar (None: not logged).
         has_validation: whether :meth:`validate` has data.
         score_name: the name of the value :meth:`score` returns (for the best-model line).
+        identity: :func:`lxtrain.checkpoint.run_identity` of the run (model shape, shard set):
+            recorded in every checkpoint, and a resume from one that differs is refused.
     """
 
     meter: StepMeter
     flops_per_sample: float | None
     has_validation: bool
     score_name: str
+    identity: dict[str, Any]
 
     def batches(self, epoch: int, position: int) -> Iterable[Mapping[str, Any]]:
         """This rank's host batches of ``epoch`` from micro-batch ``position`` on."""
@@ -168,6 +171,15 @@ def resume_point(resume: str, checkpoint_dir: Path) -> tuple[Path, str] | None:
             "newest complete one"
         )
     return path.parent, path.name
+
+
+def micro_batch_seed(seed: int, step: int, place: int) -> int:
+    """A 63-bit seed for micro-batch ``place`` of optimiser step ``step + 1`` of a run seeded ``seed``."""
+    # splitmix64-style mixing: distinct inputs give unrelated seeds, cheaply and without a hash object.
+    value = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + place * 0x94D049BB133111EB) % 2**64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (value ^ (value >> 31)) % 2**63
 
 
 def training_device() -> torch.device:
@@ -259,7 +271,7 @@ class _Loop:
     # -- positions and checkpoints ----------------------------------------------------------
 
     def _resume(self, directory: Path, tag: str) -> None:
-        state = checkpoint.load(self.engine, directory, tag)
+        state = checkpoint.load(self.engine, directory, tag, identity=self.job.identity)
         self.step, self.best = state["step"], state.get("best")
         same_layout = (
             state.get("accumulation", self.plan.accumulation) == self.plan.accumulation
@@ -279,6 +291,7 @@ class _Loop:
             "accumulation": self.plan.accumulation,
             "world_size": self.info.world_size,
             "best": self.best,
+            "identity": self.job.identity,
             "reason": reason,
             "config": dataclasses.asdict(self.cfg),
         }
@@ -340,6 +353,7 @@ class _Loop:
         waited = time.monotonic()
         batch = next(batches)
         self.data_wait += time.monotonic() - waited
+        torch.manual_seed(self._dropout_seed())
         output = self.job.forward(engine, batch, self.step)
         hooks.after_forward(self.batches_done, output)
         self.batches_done += 1
@@ -361,6 +375,15 @@ class _Loop:
         self.window_steps += 1
         hooks.step_ends(self.step)
         return self._after_step()
+
+    def _dropout_seed(self) -> int:
+        """The torch seed of this micro-batch's forward: a function of (seed, step, the micro-batch's
+        place j in the global step), so dropout draws the same masks for the same global batch
+        whatever the world size (rank r of W runs j = r * accumulation + i, as the loader reads
+        them: lxtrain.data.loader), and a resume on any world size continues them exactly."""
+        within = self.batches_done % self.plan.accumulation
+        place = self.info.rank * self.plan.accumulation + within
+        return micro_batch_seed(self.cfg.seed, self.step, place)
 
     def _after_step(self) -> int | None:
         step, plan, cfg = self.step, self.plan, self.cfg
