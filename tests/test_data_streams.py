@@ -249,3 +249,23 @@ def test_finetuning_global_batches_do_not_depend_on_the_world_size_or_workers(vq
             assert _finetune_steps(vqa_index, world_size, workers, epoch=1) == reference
     # A resume at step 2 on 4 ranks continues a 2-rank epoch exactly.
     assert _finetune_steps(vqa_index, 4, 2, epoch=1, step=2) == reference[2:]
+
+
+@pytest.mark.multiproc
+def test_finetuning_worker_processes_follow_the_stream_order(vqa_index) -> None:
+    def ids(workers: int, position: int) -> list[list]:
+        loader = build_loader(
+            vqa_index,
+            batch_size=3,
+            rank=1,
+            world_size=2,
+            num_workers=workers,
+            seed=5,
+            train=True,
+            accumulation=2,
+        )
+        return [[row["id"] for row in batch[META]] for batch in loader.epoch(1, position)]
+
+    reference = ids(0, 0)
+    for position in (0, 3):  # 3: the rotated roles, the second worker's batch first
+        assert ids(2, position) == reference[position:]
