@@ -306,10 +306,8 @@ def _model_variant(
     try:
         torch.manual_seed(0)
         if name == "hf":
-            values = convert.config_to_hf(config)
-            values.pop("model_type")
             with device:  # built in place: no CPU initialisation of 200M parameters
-                model = transformers.LxmertForPreTraining(transformers.LxmertConfig(**values))
+                model = transformers.LxmertForPreTraining(convert.hf_config(config))
             model = model.to(device).train()  # a no-op unless some tensor was made on an explicit device
             loss = _hf_loss(model, {**convert.hf_model_inputs(batch), **convert.hf_pretraining_labels(batch)})
         else:

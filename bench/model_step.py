@@ -69,10 +69,8 @@ def build_models(config: LxmertConfig, seed: int = 0):
     """HF ``LxmertForPreTraining`` and the lxtrain model holding the same tensors (literal key map)."""
     import transformers
 
-    values = convert.config_to_hf(config)
-    values.pop("model_type")
     torch.manual_seed(seed)
-    hf = transformers.LxmertForPreTraining(transformers.LxmertConfig(**values))
+    hf = transformers.LxmertForPreTraining(convert.hf_config(config))
     hf_state = {key: t.detach().clone() for key, t in hf.state_dict().items() if key != convert.TIED_DECODER}
     model = LxmertForPretraining(config)
     model.load_state_dict(convert.rename(hf_state, {v: k for k, v in convert.key_map(config).items()}, "hf"))

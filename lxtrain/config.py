@@ -77,7 +77,12 @@ class PretrainConfig:
     max_valid_batches: int | None = None
     """Cap on validation batches per rank (None: the whole validation set)."""
     num_workers: int = 2
-    """Data-loader worker processes per rank."""
+    """Data-loader worker processes per rank (at most the rank's data streams, accumulation x
+    --data-interleave; a larger count is lowered with a warning; any count gives the same batches)."""
+    data_interleave: int = 2
+    """Virtual data streams per micro-batch of a step: the epoch's order is cut into (micro-batches per
+    step x this) streams, whatever the world size (docs/data.md). Raise it for more loader workers
+    per rank; fixed for a run (a resume refuses another value)."""
     strict_data: bool = False
     """Validation: stop on a corrupt sample instead of skipping it with a warning (damaged
     training data always stops the run, naming the shard and the fix)."""

@@ -236,9 +236,20 @@ def config_from_hf(hf_config: Mapping) -> LxmertConfig:
 
 
 def config_to_hf(config: LxmertConfig) -> dict:
+    """The fields of HF's ``config.json`` for the same network."""
     values = {hf: getattr(config, lx) for lx, hf in _HF_CONFIG_FIELDS.items()}
     values.update(architectures=["LxmertForPreTraining"], model_type="lxmert", hidden_act="gelu")
     return values
+
+
+def hf_config(config: LxmertConfig):
+    """The ``transformers.LxmertConfig`` of the same network (parity tests and benchmarks build HF
+    models from it)."""
+    import transformers
+
+    values = config_to_hf(config)
+    values.pop("model_type")  # a class attribute of transformers' config, not a constructor field
+    return transformers.LxmertConfig(**values)
 
 
 def infer_config(state_dict: Mapping[str, torch.Tensor], root: str, num_attention_heads: int) -> LxmertConfig:

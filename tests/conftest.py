@@ -88,22 +88,13 @@ def build_batch(
     }
 
 
-def hf_config(config: LxmertConfig):
-    """The transformers ``LxmertConfig`` of the same network."""
-    import transformers
-
-    values = convert.config_to_hf(config)
-    values.pop("model_type")
-    return transformers.LxmertConfig(**values)
-
-
 def build_hf_pair(config: LxmertConfig, directory: Path, seed: int = 0):
     """A randomly initialised HF ``LxmertForPreTraining`` saved to ``directory`` and the lxtrain model
     loaded from that directory through the converter; both fp32 in eval mode."""
     import transformers
 
     torch.manual_seed(seed)
-    hf = transformers.LxmertForPreTraining(hf_config(config)).eval()
+    hf = transformers.LxmertForPreTraining(convert.hf_config(config)).eval()
     hf.save_pretrained(directory)
     model = convert.load_model("hf", directory).eval()
     return hf, model

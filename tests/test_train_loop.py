@@ -247,3 +247,37 @@ def test_finetune_steps_read_nothing_back_between_log_steps(one_rank, task_setup
     assert hooks.counter.ops > 500, "the counter saw no training step"
     assert hooks.counter.reads["lxtrain"] == {}, json.dumps(hooks.counter.reads["lxtrain"], indent=1)
     assert hooks.counter.reads["other"] == {}, json.dumps(hooks.counter.reads["other"], indent=1)
+
+
+def logged_losses(output: Path) -> dict[int, dict[str, float]]:
+    """Per-step losses; a later record of a step (after a resume) wins."""
+    records = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+    return {record["step"]: record["loss"] for record in records}
+
+
+def test_a_resume_with_another_worker_count_continues_the_same_stream(one_rank, corpus, tmp_path):
+    """The data order does not depend on --num-workers: 2 steps in-process, resumed with two worker
+    processes, give the uninterrupted run's per-step losses (fp32, dropout seeded per micro-batch)."""
+    common = ("--save-every", "2", "--no-export", "--max-steps", "4")
+    straight, switched = tmp_path / "straight", tmp_path / "switched"
+    assert pretrain.run(pretrain_cfg(corpus, straight, *common), one_rank, Stop()) == 0
+    stop = Stop()
+    assert pretrain.run(pretrain_cfg(corpus, switched, *common), one_rank, stop, StopAfter(stop, 2)) == 0
+    resumed = pretrain_cfg(corpus, switched, *common)
+    resumed.num_workers = 2
+    assert pretrain.run(resumed, one_rank, Stop()) == 0
+    expected, got = logged_losses(straight), logged_losses(switched)
+    assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert got[step].keys() == expected[step].keys()
+        for task, value in expected[step].items():
+            assert got[step][task] == pytest.approx(value, rel=1e-5), (step, task)
+
+
+def test_a_resume_that_would_change_the_data_order_is_refused_naming_the_flag(one_rank, corpus, tmp_path):
+    common = ("--no-export", "--max-steps", "1")
+    assert pretrain.run(pretrain_cfg(corpus, tmp_path, *common), one_rank, Stop()) == 0
+    changed = pretrain_cfg(corpus, tmp_path, "--no-export", "--max-steps", "2", "--data-interleave", "4")
+    with pytest.raises(ValueError, match=r"interleave was 2, is 4.*--data-interleave 2"):
+        pretrain.run(changed, one_rank, Stop())
+    assert logged_steps(tmp_path) == [1]  # nothing trained on the other order

@@ -608,8 +608,8 @@ def _layout_fix(key: str, state: dict) -> str:
             + ' in the DeepSpeed config, with gradient_accumulation_steps "auto" (micro-batches per '
             "step = world_size x accumulation)"
         ),
-        "interleave": f"build the loader with interleave={was}",
-        "streams": f"build the loader with interleave={was} // micro-batches per step",
+        "interleave": f"run with --data-interleave {was}",
+        "streams": f"run with --data-interleave {was} // micro-batches per step",
         "buffer_images": f"build the loader with buffer_images={was}",
         "sentences": "train on the same shards (--train-shards) as the run that wrote the state",
         "world_size": f"run on {was} ranks",

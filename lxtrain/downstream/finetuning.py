@@ -170,6 +170,12 @@ class FinetuneJob:
     def batches(self, epoch: int, position: int):
         return self.train.epoch(epoch, position)
 
+    def data_state(self, epoch: int, position: int) -> dict:
+        return {"epoch": epoch, "batches_consumed": position}
+
+    def check_data_state(self, state: dict) -> None:
+        pass  # the fine-tuning order depends on the global batch and seed, both checked by the config
+
     def phase(self, step: int) -> str:
         return self.cfg.task
 

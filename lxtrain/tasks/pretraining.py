@@ -61,6 +61,7 @@ class PretrainData:
             # The global batch (world size x accumulation micro-batches) fixes the epoch's order,
             # so a resume on another world size continues the same stream (docs/data.md).
             accumulation=accumulation,
+            interleave=cfg.data_interleave,
             **common,
         )
         self.valid = (
@@ -73,6 +74,15 @@ class PretrainData:
     @property
     def has_validation(self) -> bool:
         return self.valid is not None
+
+    def data_state(self, epoch: int, position: int) -> dict:
+        """The training stream's layout and this position, for a checkpoint."""
+        return {**self.train.state_dict(), "epoch": epoch, "batches_consumed": position}
+
+    def check_data_state(self, state: dict) -> None:
+        """Refuse a checkpoint's data state this run cannot continue exactly (the loader names the
+        key, both values and the fix); another world size or worker count is fine."""
+        self.train.load_state_dict(state)
 
     def train_batches(self, epoch: int, position: int):
         self.train.load_state_dict({"epoch": epoch, "batches_consumed": position})
@@ -143,6 +153,12 @@ class PretrainJob:
 
     def batches(self, epoch: int, position: int):
         return self.data.train_batches(epoch, position)
+
+    def data_state(self, epoch: int, position: int) -> dict:
+        return self.data.data_state(epoch, position)
+
+    def check_data_state(self, state: dict) -> None:
+        self.data.check_data_state(state)
 
     def phase(self, step: int) -> str:
         return self.schedule.at(step)[0]

@@ -114,6 +114,13 @@ class TrainingJob(Protocol):
     def batches(self, epoch: int, position: int) -> Iterable[Mapping[str, Any]]:
         """This rank's host batches of ``epoch`` from micro-batch ``position`` on."""
 
+    def data_state(self, epoch: int, position: int) -> dict:
+        """What a checkpoint records of the data stream at micro-batch ``position`` of ``epoch``."""
+
+    def check_data_state(self, state: dict) -> None:
+        """Raise ValueError (naming the key, both values and the fix) if this run cannot continue
+        the stream of a checkpoint's :meth:`data_state` exactly."""
+
     def phase(self, step: int) -> str:
         """A short name of what step ``step + 1`` trains (logged with the losses)."""
 
@@ -271,6 +278,11 @@ class _Loop:
     # -- positions and checkpoints ----------------------------------------------------------
 
     def _resume(self, directory: Path, tag: str) -> None:
+        if "data" in (saved := checkpoint.read_state(directory, tag)):
+            try:  # before DeepSpeed reads anything
+                self.job.check_data_state(saved["data"])
+            except ValueError as error:
+                raise ValueError(f"--resume {directory / tag}: {error}") from None
         state = checkpoint.load(self.engine, directory, tag, identity=self.job.identity)
         self.step, self.best = state["step"], state.get("best")
         same_layout = (
@@ -292,6 +304,7 @@ class _Loop:
             "world_size": self.info.world_size,
             "best": self.best,
             "identity": self.job.identity,
+            "data": self.job.data_state(*divmod(self.batches_done, self.plan.batches_per_epoch)),
             "reason": reason,
             "config": dataclasses.asdict(self.cfg),
         }
