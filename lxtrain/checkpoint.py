@@ -379,14 +379,9 @@ def load(engine: Any, directory: Path, tag: str, identity: dict[str, Any] | None
     try:
         with weights_only_loads(engine):
             if elastic:
-                logger.info(
-                    "%s: written on %s DP rank(s) with ZeRO-%s, loading on %d with ZeRO-%d through DeepSpeed's "
-                    "universal checkpoint",
-                    path,
-                    saved_world,
-                    saved_stage,
-                    world,
-                    stage,
+                distributed.print0(
+                    f"{path}: written on {saved_world} DP rank(s) with ZeRO-{saved_stage or '1/2/3'}, loading on {world} "
+                    f"with ZeRO-{stage} through DeepSpeed's universal checkpoint ({path / UNIVERSAL})"
                 )
                 universal = _ensure_universal(path, saved_world, world)
                 loaded = _load_universal(engine, universal)
