@@ -76,6 +76,24 @@ def precision(config: dict[str, Any]) -> str:
     return "fp16" if fp16 else "bf16" if bf16 else "fp32"
 
 
+def check_deepspeed_config(config: dict[str, Any], source: str, cuda_available: bool | None = None) -> None:
+    """Refuse what cannot run here (precision without the hardware, an unknown ZeRO stage, no
+    optimiser), naming the file and the fix; cheap, so entry points call it before reading data."""
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if precision(config) == "fp16" and not cuda:
+        raise ConfigError(
+            f"{source}: fp16.enabled is true but there is no CUDA GPU; fp16 with loss scaling is a GPU "
+            'feature. Use bf16 ("bf16": {"enabled": true}) or fp32 on CPU, e.g. ds_configs/cpu_tiny.json'
+        )
+    if config.get("fp16", {}).get("enabled") and config.get("bf16", {}).get("enabled"):
+        raise ConfigError(f"{source}: fp16 and bf16 are both enabled; enable one")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3; got {stage}")
+    if config.get("optimizer") is None:
+        raise ConfigError(f'{source}: no "optimizer" section; copy one from ds_configs/zero2_bf16.json')
+
+
 def prepare_deepspeed_config(
     path: str | Path,
     *,
@@ -93,22 +111,8 @@ def prepare_deepspeed_config(
     source = str(path)
     config = copy.deepcopy(load_deepspeed_config(path))
     resolve_batch_sizes(config, world_size, source)
-    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
-
-    if precision(config) == "fp16" and not cuda:
-        raise ConfigError(
-            f"{source}: fp16.enabled is true but there is no CUDA GPU; fp16 with loss scaling is a GPU "
-            'feature. Use bf16 ("bf16": {"enabled": true}) or fp32 on CPU, e.g. ds_configs/cpu_tiny.json'
-        )
-    if config.get("fp16", {}).get("enabled") and config.get("bf16", {}).get("enabled"):
-        raise ConfigError(f"{source}: fp16 and bf16 are both enabled; enable one")
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3; got {stage}")
-
-    optimizer = config.get("optimizer")
-    if optimizer is None:
-        raise ConfigError(f'{source}: no "optimizer" section; copy one from ds_configs/zero2_bf16.json')
+    check_deepspeed_config(config, source, cuda_available)
+    optimizer = config["optimizer"]
     params = optimizer.setdefault("params", {})
     if optimizer.get("type", "").lower() in ("adam", "adamw") and params.get("bias_correction", True):
         # Not an error (users may want standard Adam), but the reference optimiser has none.

@@ -197,11 +197,7 @@ class FinetuneJob:
         return result[self.score_name]
 
     def export(self, checkpoint_dir: Path, tag: str, destination: Path) -> None:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with checkpoint.weights_only_loads():  # never unpickle code from the checkpoint
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-        state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+        state = checkpoint.fp32_state_dict(checkpoint_dir, tag, prefix="model.")
         weights.save_finetuned(state, self.model_config, self.cfg.task, self.answers, destination)
 
 

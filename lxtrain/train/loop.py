@@ -219,6 +219,7 @@ class Trainer:
         _, self.micro_batch, self.accumulation = engine_setup.resolve_batch_sizes(
             dict(ds_json), info.world_size, cfg.deepspeed_config
         )
+        engine_setup.check_deepspeed_config(ds_json, cfg.deepspeed_config)
         self.resume_from = resume_point(cfg.resume, self.checkpoint_dir)
 
     def plan(self, loader_batches: int, what: str) -> StepPlan:
