@@ -36,12 +36,15 @@ def shards(tmp_path_factory) -> Path:
     return out / "shards" / "train"
 
 
-def _loader(shards: Path, rank: int, world_size: int, workers: int, **options):
+def _loader(
+    shards: Path, rank: int, world_size: int, workers: int, step: int = STEP_MICRO_BATCHES, **options
+):
+    """Rank ``rank`` of ``world_size`` reading ``step`` micro-batches per optimiser step over all ranks."""
     settings = dict(
         batch_size=MICRO,
         rank=rank,
         world_size=world_size,
-        accumulation=STEP_MICRO_BATCHES // world_size,
+        accumulation=step // world_size,
         seed=11,
         num_workers=workers,
         buffer_images=16,
@@ -51,10 +54,14 @@ def _loader(shards: Path, rank: int, world_size: int, workers: int, **options):
     return build_pretrain_loader(shards, **(settings | options))
 
 
-def _global_batches(shards: Path, world_size: int, workers: int, **options) -> list[list[dict]]:
+def _global_batches(
+    shards: Path, world_size: int, workers: int, step: int = STEP_MICRO_BATCHES, **options
+) -> list[list[dict]]:
     """One epoch as a list of optimiser steps, each the M micro-batches in order j = r*a + i."""
-    accumulation = STEP_MICRO_BATCHES // world_size
-    per_rank = [list(_loader(shards, rank, world_size, workers, **options)) for rank in range(world_size)]
+    accumulation = step // world_size
+    per_rank = [
+        list(_loader(shards, rank, world_size, workers, step, **options)) for rank in range(world_size)
+    ]
     steps = len(per_rank[0]) // accumulation
     assert all(len(batches) == steps * accumulation for batches in per_rank)
     return [
@@ -66,7 +73,7 @@ def _global_batches(shards: Path, world_size: int, workers: int, **options) -> l
 def _assert_same_steps(left: list[list[dict]], right: list[list[dict]]) -> None:
     assert len(left) == len(right)
     for step, (a, b) in enumerate(zip(left, right, strict=True)):
-        assert len(a) == len(b) == STEP_MICRO_BATCHES
+        assert len(a) == len(b)
         for j, (x, y) in enumerate(zip(a, b, strict=True)):
             assert x.keys() == y.keys()
             for key in x:
@@ -125,18 +132,31 @@ def test_steps_per_epoch_do_not_depend_on_the_world_size(shards: Path) -> None:
     assert len(steps) == 1
 
 
-def test_resume_on_other_world_sizes_and_workers_sees_every_sentence_once(shards: Path) -> None:
-    reference = _global_batches(shards, 1, 0, epoch=1)
+@pytest.mark.parametrize(
+    "per_step, phases",
+    [
+        # 2 ranks x 1 worker for 3 steps -> 1 rank x 2 workers up to step 7 -> 4 ranks x 3 workers to the end.
+        (STEP_MICRO_BATCHES, [(2, 1, 0, 3), (1, 2, 3, 7), (4, 3, 7, None)]),
+        # The launched elastic run of tests/test_elastic.py (M = 6): 2 ranks to its step-2 checkpoint
+        # -> 1 rank to step 4 -> 3 ranks (here to the end of the epoch); the same with 2 workers.
+        (6, [(2, 0, 0, 2), (1, 0, 2, 4), (3, 0, 4, None)]),
+        (6, [(2, 0, 0, 2), (1, 2, 2, 4), (3, 2, 4, None)]),
+    ],
+    ids=["2-1-4", "elastic-run", "elastic-run-workers"],
+)
+def test_resume_on_other_world_sizes_and_workers_sees_every_sentence_once(
+    shards: Path, per_step: int, phases: list[tuple[int, int, int, int | None]]
+) -> None:
+    reference = _global_batches(shards, 1, 0, per_step, epoch=1)
     steps = len(reference)
-    # 2 ranks x 1 worker for 3 steps -> 1 rank x 2 workers up to step 7 -> 4 ranks x 3 workers to the end.
-    phases = [(2, 1, 0, 3), (1, 2, 3, 7), (4, 3, 7, steps)]
     seen: list[list[dict]] = []
     state = None
     for world_size, workers, start, stop in phases:
-        accumulation = STEP_MICRO_BATCHES // world_size
+        stop = steps if stop is None else stop  # None: to the end of the epoch
+        accumulation = per_step // world_size
         per_rank = []
         for rank in range(world_size):
-            loader = _loader(shards, rank, world_size, workers)
+            loader = _loader(shards, rank, world_size, workers, per_step)
             if state is None:
                 loader.set_epoch(1)
             else:
@@ -158,7 +178,7 @@ def test_resume_on_other_world_sizes_and_workers_sees_every_sentence_once(shards
     _assert_same_steps(seen, reference)
     ids = np.concatenate([b[SENTENCE_IDS].numpy() for step in seen for b in step])
     assert len(np.unique(ids)) == len(ids)
-    assert state["epoch"] == 1 and state["batches_consumed"] == steps  # rank 3 of 4, a = 1
+    assert state["epoch"] == 1 and state["batches_consumed"] == steps * (per_step // phases[-1][0])
 
 
 def test_resume_refuses_what_cannot_be_exact(shards: Path) -> None:
