@@ -160,6 +160,13 @@ def test_kill_of_the_whole_job_while_saving_resumes_from_the_previous_checkpoint
     assert row.steps_lost == 2 and row.equal.startswith("yes (steps 3-4")
 
 
+def test_kill_of_two_ranks_resumes_on_one_rank_with_the_same_losses(suite):
+    row = faults.resume_on_another_world_size(suite)
+    assert row.ok, row.problems
+    assert "resumed from step 2 on 1 rank through DeepSpeed's universal checkpoint" in row.happened
+    assert row.steps_lost == 1 and row.equal.startswith("yes (steps 3-4")
+
+
 def test_disk_full_while_saving_stops_with_the_cause_and_resumes_exactly(suite):
     row = faults.disk_full_in_save(suite)
     assert row.ok, row.problems

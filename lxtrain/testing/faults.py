@@ -600,12 +600,13 @@ def stop_and_resume(
     repair: Callable[[Path], str] | None = None,
     corpus: Path | None = None,
     reference: dict[int, dict[str, float]] | None = None,
+    resume_ranks: int = 2,
 ) -> Row:
     """The common shape: faulty run -> (repair) -> ``--resume auto`` -> compare with the reference.
 
     ``act`` runs while the faulty job runs (sends a signal, damages a shard...) and may return the
     fault's time; otherwise ``fault_time`` finds it in the output. ``expect`` is the regex of the
-    message that must name the cause.
+    message that must name the cause. The faulty run has two ranks; the resume ``resume_ranks``.
     """
     output = suite.work / name
     problems: list[str] = []
@@ -626,7 +627,7 @@ def stop_and_resume(
     half_written = incomplete_tags(output / "checkpoints")
     expected_tag = checkpoint.find_resume_tag(output / "checkpoints")
     repaired = repair(output) if repair is not None else ""
-    resumed = suite.run(output, "--resume", "auto", corpus=corpus)
+    resumed = suite.run(output, "--resume", "auto", corpus=corpus, ranks=resume_ranks)
     resumed.save_log(output / "resume_run.log")
     start, equal_text, equal = compare_resumed(suite, output, resumed, reference)
     if not equal:
@@ -660,6 +661,35 @@ def kill_one_rank(suite: Suite) -> Row:
         fault_time=_fault_line_time,
         expect=r"(?P<rank>--local_rank=1)'[^\n]*(?P<code>exits with return code = -9)",
     )
+
+
+UNIVERSAL_LOAD = r"written on (\d+) DP rank\(s\) with ZeRO-\S+, loading on (\d+) with ZeRO-\d+ through DeepSpeed's universal"
+
+
+def resume_on_another_world_size(suite: Suite, ranks: int = 1) -> Row:
+    """kill -9 of both ranks after a step, resumed on ``ranks`` ranks: the same global batch (the
+    DeepSpeed config fixes it; accumulation makes up the difference) gives the same losses.
+
+    The model and optimiser state crosses through DeepSpeed's universal checkpoint, the data
+    position through the world-independent stream; see docs/elastic.md.
+    """
+    step = suite.max_steps // 2 + 1
+    row = stop_and_resume(
+        suite,
+        "other_world_size",
+        f"kill -9 of the whole job (2 ranks) mid-run, resumed on {ranks} rank{'s' if ranks > 1 else ''}",
+        env={FAULT_SIGKILL_AT_STEP: str(step)},
+        fault_time=_fault_line_time,
+        expect=r"SIGKILL rank \d after step \d+",
+        resume_ranks=ranks,
+    )
+    log = suite.work / "other_world_size" / "resume_run.log"
+    found = re.search(UNIVERSAL_LOAD, log.read_text()) if log.exists() else None
+    if found is None or (int(found.group(1)), int(found.group(2))) != (2, ranks):
+        row.ok, row.problems = False, [*row.problems, f"no universal load from 2 to {ranks} rank(s) in {log}"]
+    else:
+        row.happened += f" on {ranks} rank{'s' if ranks > 1 else ''} through DeepSpeed's universal checkpoint"
+    return row
 
 
 def kill_job_in_save(suite: Suite) -> Row:
@@ -845,6 +875,7 @@ def scenarios(suite: Suite) -> dict[str, Callable[[], Row]]:
     return {
         "kill_rank": lambda: kill_one_rank(suite),
         "kill_in_save": lambda: kill_job_in_save(suite),
+        "other_world_size": lambda: resume_on_another_world_size(suite),
         "sigterm": lambda: sigterm_requeue(suite),
         "network_cut": lambda: network_cut(suite),
         "truncated": lambda: damaged_data(
