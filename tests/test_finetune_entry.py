@@ -31,7 +31,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
         synthetic_tasks.TaskSetConfig(
             out=root / "tasks",
             images=40,
-            sets=24,
+            sets=32,
             world=World(feature_dim=FEATURE_DIM, boxes=8, max_objects=4),
             shards=True,
         )

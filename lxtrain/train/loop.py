@@ -227,9 +227,10 @@ class Trainer:
         steps_per_epoch = loader_batches // self.accumulation
         if steps_per_epoch == 0:
             raise ValueError(
-                f"{what}: {loader_batches} micro-batches of {self.micro_batch} per rank per epoch is fewer "
-                f"than gradient_accumulation_steps={self.accumulation}; use more data, fewer ranks or a "
-                "smaller batch"
+                f"{what}: {loader_batches} micro-batches of {self.micro_batch} per rank per epoch, fewer than "
+                f"gradient_accumulation_steps={self.accumulation}: an epoch is cut into streams of whole "
+                "micro-batches, (micro-batches per step) x (data interleave) of them whatever the world size "
+                "(docs/data.md); use more data or a smaller train_micro_batch_size_per_gpu / train_batch_size"
             )
         total_steps = math.ceil(self.cfg.epochs * steps_per_epoch)
         last_step = min(total_steps, self.cfg.max_steps) if self.cfg.max_steps else total_steps
