@@ -137,6 +137,57 @@ def test_preemption_signal_requeues_and_resumes(
     assert all(math.isfinite(value) for step in losses.values() for value in step.values()), losses
 
 
+def test_requeued_on_one_node_continues_the_two_node_run_exactly(
+    slurm_env: dict[str, str], shards: Path, tmp_path: Path
+) -> None:
+    """Elastic requeue (issue #16): a job on 2 nodes is requeued held (what pre-emption does: SIGTERM,
+    the ranks checkpoint), shrunk to 1 node with `scontrol update` while pending, released: the same
+    job id resumes on 1 rank through DeepSpeed's universal checkpoint and logs the losses of an
+    uninterrupted 2-node job. slurm/pretrain.sbatch is submitted unchanged; ds_configs/cpu_tiny.json's
+    global batch (16 of micro 8) is 2 micro-batches per step on 2 ranks or 1 (accumulation 2)."""
+    max_steps = 12
+    args = ["--max-steps", str(max_steps), "--log-every", "1", "--save-every", "2", "--no-export"]
+    args += ["--num-workers", "0"]
+    variables = dict(ds_config="ds_configs/cpu_tiny.json", train_shards=shards / "train", model="tiny")
+    two_nodes = ["--nodes=2", "--ntasks-per-node=1"]
+    reference_dir, elastic_dir = tmp_path / "reference", tmp_path / "elastic"
+    # Both jobs at once: each holds one CPU per node, and the cluster's nodes have two.
+    reference = submit(slurm_env, reference_dir, two_nodes, args, **variables)
+    job_id = submit(slurm_env, elastic_dir, two_nodes, args, **variables)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while max(train_losses(elastic_dir), default=0) < 2:
+        assert time.monotonic() < deadline, job_log(elastic_dir, job_id)
+        assert job_fields(slurm_env, job_id)["JobState"] in {"PENDING", "RUNNING"}, job_log(
+            elastic_dir, job_id
+        )
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "requeuehold", job_id], env=slurm_env, check=True, timeout=30)
+    while (fields := job_fields(slurm_env, job_id))["JobState"] != "PENDING":
+        assert time.monotonic() < deadline, (fields, job_log(elastic_dir, job_id))
+        time.sleep(0.2)
+    # NumTasks too: with --ntasks-per-node=1 Slurm keeps 2 nodes for 2 tasks otherwise.
+    update = [f"JobId={job_id}", "NumNodes=1", "NumTasks=1"]
+    subprocess.run(["scontrol", "update", *update], env=slurm_env, check=True, timeout=30)
+    subprocess.run(["scontrol", "release", job_id], env=slurm_env, check=True, timeout=30)
+    fields = wait_for_end(slurm_env, job_id, elastic_dir)
+    log = job_log(elastic_dir, job_id)
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", log
+    assert fields["NumNodes"] == "1", fields
+    assert "2 rank(s) via slurm" in log and "1 rank(s) via slurm" in log, log
+    # The requeued batch script still has the submission's SLURM_NTASKS=2; it starts 1 rank.
+    assert "the submission 2: starting 1 rank(s)" in log, log
+    # From the pre-emption's checkpoint (SIGTERM), or the periodic one before it should Slurm's
+    # KillWait (5 s here) end the ranks first: either way no step before it is redone.
+    resumed_at = re.search(r"resumed from \S+ at step (\d+)", log)
+    assert resumed_at and 2 <= int(resumed_at.group(1)) < max_steps, log
+    assert re.search(r"written on 2 DP rank\(s\) with ZeRO-2, loading on 1 with ZeRO-2", log), log
+    assert wait_for_end(slurm_env, reference, reference_dir)["JobState"] == "COMPLETED"
+    expected, got = train_losses(reference_dir), train_losses(elastic_dir)
+    assert sorted(got) == sorted(expected) == list(range(1, max_steps + 1)), log
+    worst = max(faults.max_relative_difference(got[step], expected[step]) for step in expected)
+    assert worst <= 1e-5, {step: (got[step], expected[step]) for step in expected}
+
+
 STAND_IN = """
 import argparse, os, pathlib, signal, sys, time
 
