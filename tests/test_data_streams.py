@@ -191,7 +191,7 @@ def test_resume_refuses_what_cannot_be_exact(shards: Path) -> None:
         _loader(shards, 0, 2, 2, accumulation=1).load_state_dict(state)
     with pytest.raises(ValueError, match=r"seed was 11, is 12.*--seed 11"):
         _loader(shards, 0, 2, 2, seed=12).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"interleave was 2, is 3.*interleave=2"):
+    with pytest.raises(ValueError, match=r"interleave was 2, is 3.*--data-interleave 2"):
         _loader(shards, 0, 2, 2, interleave=3).load_state_dict(state)
     with pytest.raises(ValueError, match=r"buffer_images was 16, is 32"):
         _loader(shards, 0, 2, 2, buffer_images=32).load_state_dict(state)
