@@ -255,6 +255,7 @@ def logged_losses(output: Path) -> dict[int, dict[str, float]]:
     return {record["step"]: record["loss"] for record in records}
 
 
+@pytest.mark.multiproc  # forks data-loader workers: in make test-system
 def test_a_resume_with_another_worker_count_continues_the_same_stream(one_rank, corpus, tmp_path):
     """The data order does not depend on --num-workers: 2 steps in-process, resumed with two worker
     processes, give the uninterrupted run's per-step losses (fp32, dropout seeded per micro-batch)."""
