@@ -21,11 +21,19 @@ model from grounding words in boxes (see docs/grounding.md):
 - ``--mask-all-object-words N``: for the first N steps (-1: all), every object word is replaced
   by [MASK] and labelled and no other word is (the densest grounding signal the sentences hold);
   afterwards the loader's masks;
+- ``--init-range S``: standard deviation of the weight init (BERT's 0.02 is tuned for hidden 768,
+  where a 0.02 matrix keeps a vector's norm at ~0.55x; at hidden 64 it shrinks it to ~0.16x);
 - ``--dropout P`` and ``--clip N`` (0: no gradient clipping): optimisation knobs;
 - ``--decay``: the demo's schedule (5% linear warm-up, then linear decay to 0 at ``--steps``)
   instead of a constant learning rate;
 - ``--init EXPORT``: start from an lxtrain export (e.g. a grounded pre-training) instead of random
   weights; its network shape wins over ``--hidden`` and ``--dropout``;
+- ``--in-batch-negatives P``: draw the mismatches inside the batch instead (use with
+  ``--mismatch 0``): a share P of the rows get the image of another of those rows (a cyclic
+  shift, so never their own), with its region labels, and lose their QA label, as the original
+  LXMERT swapped images rather than sentences;
+- ``--train-every N``: print the training batch's matching loss and accuracy and the gradient norm
+  of the pooler's weight (all of it from matching in a ``--tasks match`` run) every N steps;
 - ``--grad-every N``: print the global gradient norm and the part of it from the RoI-feature
   projection's bias every N steps (masked boxes are all-zero features, so at initialisation that
   bias feeds a LayerNorm a constant vector and its gradient dominates the clipped global norm).
@@ -93,6 +101,31 @@ def evaluate(objective: PretrainingObjective, shards: str, object_words: torch.T
     return {task: correct[task] / max(counts[task], 1.0) for task in correct}
 
 
+# Per-image tensors of a batch after B.to_device: what moves with an image between rows.
+IMAGE_KEYS = (
+    B.OBJECT_FEATURES,
+    B.FEATURE_TARGETS,
+    B.OBJECT_BOXES,
+    B.OBJECT_MASK,
+    B.OBJECT_LABELS,
+    B.OBJECT_CONFIDENCES,
+    B.ATTRIBUTE_LABELS,
+    B.ATTRIBUTE_CONFIDENCES,
+)
+
+
+def swap_images_in_batch(batch: dict, share: float, generator: torch.Generator) -> None:
+    """Give a share of the rows another row's image (in place): in-batch negatives."""
+    rows = torch.nonzero(torch.rand(batch[B.MATCHED_LABELS].shape[0], generator=generator) < share).flatten()
+    if rows.numel() < 2:
+        return
+    donors = rows.roll(1)  # a cyclic shift among the chosen rows: nobody keeps its own image
+    for key in IMAGE_KEYS:
+        batch[key][rows] = batch[key][donors].clone()
+    batch[B.MATCHED_LABELS][rows] = 0
+    batch[B.QA_LABELS][rows] = IGNORE_INDEX
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shards", required=True, help="directory with train/ and valid/ shard sets")
@@ -110,8 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--object-word-mask", type=float, default=None, help="object-word masking rate")
     parser.add_argument("--mask-all-object-words", type=int, default=0, metavar="STEPS")
     parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument(
+        "--init-range",
+        type=float,
+        default=0.02,
+        help="std of the weight init (BERT's 0.02; 1/sqrt(hidden) = 0.125 at 64)",
+    )
     parser.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: none)")
     parser.add_argument("--decay", action="store_true", help="5%% warm-up, then linear decay to 0")
+    parser.add_argument("--in-batch-negatives", type=float, default=0.0, metavar="P")
+    parser.add_argument("--train-every", type=int, default=0)
     parser.add_argument("--grad-every", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", default=None, metavar="EXPORT", help="start from an lxtrain export")
@@ -129,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         num_qa_labels=len(index.answers),
         hidden_dropout_prob=args.dropout,
         attention_probs_dropout_prob=args.dropout,
+        initializer_range=args.init_range,
     )
     if args.init:
         state, config = convert.read_lxtrain(args.init)
@@ -160,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         object_word_mask_probability=args.object_word_mask,
     )
     feature_bias = objective.model.backbone.object_embeddings.feature_proj.bias
+    swap_generator = torch.Generator().manual_seed(args.seed)
     started, step, epoch = time.monotonic(), 0, 0
     while step < args.steps:
         loader.set_epoch(epoch)
@@ -172,9 +215,20 @@ def main(argv: list[str] | None = None) -> int:
                 batch[B.MLM_LABELS] = torch.where(torch.isin(labels, object_words), labels, IGNORE_INDEX)
             if args.unmasked:
                 batch[B.OBJECT_FEATURES] = batch[B.FEATURE_TARGETS].clone()
+            if args.in_batch_negatives:
+                swap_images_in_batch(batch, args.in_batch_negatives, swap_generator)
             out = objective(batch, tasks)
             optimizer.zero_grad()
             out.total.backward()
+            if args.train_every and step % args.train_every == 0 and "match" in out.losses:
+                pooler = objective.model.backbone.pooler.weight.grad
+                print(
+                    f"step {step:5d}  train match loss {float(out.losses['match'].detach()):.4f}  "
+                    f"acc {float(out.correct['match']) / max(float(out.counts['match']), 1.0):.3f}  "
+                    f"matched share {float(batch[B.MATCHED_LABELS].float().mean()):.2f}  "
+                    f"pooler grad {float(pooler.norm()) if pooler is not None else 0.0:.2e}",
+                    flush=True,
+                )
             report_gradient = args.grad_every and step % args.grad_every == 0
             if report_gradient:  # read before clipping, which scales gradients in place
                 bias_norm = float(feature_bias.grad.norm()) if feature_bias.grad is not None else 0.0

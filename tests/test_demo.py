@@ -10,16 +10,50 @@ import pytest
 from matplotlib.image import imread
 
 from lxtrain.config import parse_args as parse_pretrain_args
-from lxtrain.demo import CURVES_NAME, OBJECT_WORDS, parse_args, pretrain_command, report
+from lxtrain.demo import (
+    CURVES_NAME,
+    DEEPSPEED_CONFIG,
+    OBJECT_WORDS,
+    parse_args,
+    pretrain_command,
+    report,
+    write_run_files,
+)
+from lxtrain.engine import prepare_deepspeed_config
 from lxtrain.figures import DPI, read_validation
+from lxtrain.synthetic.pretraining import all_answers
 
 
-def _pretrain_config(argv: list[str], *extra: str):
+def _pretrain_config(argv: list[str], *extra: str, out: Path = Path("out")):
     """The PretrainConfig that lxtrain/pretrain.py would build from the demo's command."""
-    command = pretrain_command(Path("run"), Path("shards"), parse_args(argv), *extra)
+    args = write_run_files(out, parse_args(argv), len(all_answers()))
+    command = pretrain_command(Path("run"), Path("shards"), args, *extra)
     entry = next(i for i, part in enumerate(command) if part.endswith("pretrain.py"))
     assert command[:2] == ["deepspeed", "--num_gpus"]
     return parse_pretrain_args(command[entry + 1 :])
+
+
+def test_default_setting_is_fast_with_lxmerts_masking_a_wider_init_and_a_constant_rate(tmp_path):
+    config = _pretrain_config([], out=tmp_path)
+    assert config.object_word_mask_probability is None  # LXMERT's masking
+    assert (config.recipe, config.epochs, config.valid_every) == ("release", 2.0, 82)
+    network = config.model_config(feature_dim=64, num_answers=len(all_answers()))
+    assert network.initializer_range == 0.125 and network.hidden_size == 64
+    deepspeed = prepare_deepspeed_config(
+        config.deepspeed_config, world_size=2, total_steps=656, warmup_fraction=0.05
+    )
+    assert (
+        deepspeed["scheduler"]["type"] == "WarmupLR" and deepspeed["optimizer"]["params"]["bias_correction"]
+    )
+    assert deepspeed["scheduler"]["params"]["warmup_num_steps"] == 33
+    control = _pretrain_config([], "--zero-visual-input", out=tmp_path)
+    assert control.zero_visual_input and control.model == config.model
+
+
+def test_settings_at_berts_init_and_decay_use_the_preset_and_the_shipped_deepspeed_config(tmp_path):
+    config = _pretrain_config(["--setting", "quick"], out=tmp_path)
+    assert (config.model, config.deepspeed_config) == ("tiny", str(DEEPSPEED_CONFIG))
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_grounding_setting_masks_object_words_and_its_control_sees_no_image():
