@@ -64,7 +64,10 @@ def test_resume_auto_refuses_a_checkpoint_whose_pickle_runs_code(tmp_path, corpu
     marker = tmp_path / "code-ran"
     tag = tmp_path / "run" / "checkpoints" / checkpoint.tag_for(2)
     tag.mkdir(parents=True)
-    (tag / checkpoint.STATE).write_text(json.dumps({"step": 2, "batches_done": 4}))
+    # The writer record of a one-rank ZeRO-2 run (what the test's run uses): the load takes the
+    # same-layout path and reaches the file, rather than stopping at the stage check.
+    writer = {checkpoint.WRITER: {"dp_world_size": 1, "zero_stage": 2, "precision": "fp32"}}
+    (tag / checkpoint.STATE).write_text(json.dumps({"step": 2, "batches_done": 4, **writer}))
     bad_file = tag / "mp_rank_00_model_states.pt"
     torch.save({"module": WritesMarker(marker)}, bad_file)
     (tag / checkpoint.COMPLETE).write_text("")
