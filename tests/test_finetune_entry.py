@@ -168,3 +168,51 @@ def test_resume_continues_from_the_checkpoint(setup, tmp_path):
     assert "resumed from" in second.stdout and "at step 1" in second.stdout
     log = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert log == [1, 2]
+
+
+FAULTED_FINETUNE = """
+import sys
+from lxtrain import finetune
+from lxtrain.testing.fault_hooks import FaultHooks
+sys.exit(finetune.main(sys.argv[1:], hooks=FaultHooks.from_environ()))
+"""
+
+
+def test_a_dead_rank_stops_the_surviving_rank_naming_the_lost_peer(setup, tmp_path):
+    """Two ranks started by hand (no launcher that would kill the survivor): rank 1 is killed after
+    step 1, and rank 0 leaves the stop-flag exchange with the lost-peer diagnosis instead of hanging
+    (the shared loop gives fine-tuning pre-training's handling)."""
+    shards = setup["shards"]
+    flags = [
+        "--task", "nlvr2",
+        "--deepspeed_config", str(REPO / "ds_configs" / "cpu_finetune.json"),
+        "--init", str(setup["export"]),
+        "--train-shards", str(shards / "nlvr2_train"),
+        "--output-dir", str(tmp_path),
+        "--num-workers", "0",
+        "--max-steps", "4",
+        "--no-export",
+        "--collective-timeout-s", "30",
+    ]  # fmt: skip
+    base = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2"}
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29634", LXTRAIN_FAULT_SIGKILL_AT_STEP="1")
+    base["LXTRAIN_FAULT_RANK"] = "1"
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", FAULTED_FINETUNE, *flags],
+            env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [process.communicate(timeout=300) for process in ranks]
+    assert ranks[1].returncode == -9, outputs[1][1][-2000:]
+    assert ranks[0].returncode != 0
+    # Where it notices depends on timing (the stop-flag exchange, or DeepSpeed's reduction of the
+    # next step); either way one diagnosis names the lost peer and the way to continue.
+    error = outputs[0][1]
+    assert "[rank 0] error: rank 0: lost contact with another rank" in error, error[-3000:]
+    assert "rerun with --resume auto" in error
