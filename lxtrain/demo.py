@@ -74,7 +74,7 @@ DEMO_SETTINGS: dict[str, dict[str, object]] = {
         init_range=0.125,
         schedule="constant",
         bias_correction=True,
-        valid_every=82,
+        valid_every=164,
     ),
     "quick": dict(
         images=800,

@@ -36,7 +36,7 @@ def _pretrain_config(argv: list[str], *extra: str, out: Path = Path("out")):
 def test_default_setting_is_fast_with_lxmerts_masking_a_wider_init_and_a_constant_rate(tmp_path):
     config = _pretrain_config([], out=tmp_path)
     assert config.object_word_mask_probability is None  # LXMERT's masking
-    assert (config.recipe, config.epochs, config.valid_every) == ("release", 2.0, 82)
+    assert (config.recipe, config.epochs, config.valid_every) == ("release", 2.0, 164)
     network = config.model_config(feature_dim=64, num_answers=len(all_answers()))
     assert network.initializer_range == 0.125 and network.hidden_size == 64
     deepspeed = prepare_deepspeed_config(
