@@ -36,16 +36,16 @@ def _pretrain_config(argv: list[str], *extra: str, out: Path = Path("out")):
 def test_default_setting_is_fast_with_lxmerts_masking_a_wider_init_and_a_constant_rate(tmp_path):
     config = _pretrain_config([], out=tmp_path)
     assert config.object_word_mask_probability is None  # LXMERT's masking
-    assert (config.recipe, config.epochs, config.valid_every) == ("release", 2.0, 164)
+    assert (config.recipe, config.epochs, config.valid_every) == ("release", 2.5, 164)
     network = config.model_config(feature_dim=64, num_answers=len(all_answers()))
     assert network.initializer_range == 0.125 and network.hidden_size == 64
     deepspeed = prepare_deepspeed_config(
-        config.deepspeed_config, world_size=2, total_steps=656, warmup_fraction=0.05
+        config.deepspeed_config, world_size=2, total_steps=820, warmup_fraction=0.05
     )
     assert (
         deepspeed["scheduler"]["type"] == "WarmupLR" and deepspeed["optimizer"]["params"]["bias_correction"]
     )
-    assert deepspeed["scheduler"]["params"]["warmup_num_steps"] == 33
+    assert deepspeed["scheduler"]["params"]["warmup_num_steps"] == 41
     control = _pretrain_config([], "--zero-visual-input", out=tmp_path)
     assert control.zero_visual_input and control.model == config.model
 
