@@ -77,7 +77,9 @@ def task_setup(tmp_path_factory) -> dict[str, Path]:
     )
     torch.manual_seed(0)
     answers = all_answers()
-    model = LxmertForPretraining(LxmertConfig.tiny(visual_feature_dim=FEATURE_DIM, num_qa_labels=len(answers)))
+    model = LxmertForPretraining(
+        LxmertConfig.tiny(visual_feature_dim=FEATURE_DIM, num_qa_labels=len(answers))
+    )
     from lxtrain import convert
 
     convert.write_lxtrain(model.state_dict(), model.config, root / "export")
