@@ -52,7 +52,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lxtrain.data.collate import BatchBuilder
 from lxtrain.data.index import ShardIndex, open_index
-from lxtrain.data.plan import StreamLayout, StreamPlan, shard_order, stream_plan, stretch_bounds
+from lxtrain.data.plan import (
+    StreamLayout,
+    StreamPlan,
+    epoch_stretches,
+    shard_order,
+    stream_plan,
+    stretch_batches,
+)
 from lxtrain.data.problems import DataError
 from lxtrain.data.ring import PinnedSlots, RingBatch, RingReceiver, SharedRing, stage_batches
 from lxtrain.data.sampler import SentenceBuffer
@@ -286,21 +293,17 @@ class PretrainStream(IterableDataset):
     @property
     def num_stretches(self) -> int:
         """Stretches the epoch's sentences are cut into (the streams of all ranks)."""
-        return self.world_size * self.workers if self.layout is None else self.layout.streams
+        return epoch_stretches(self.layout, self.rank, self.world_size, self.workers)[0]
 
     @property
     def local_stretches(self) -> list[int]:
         """The stretch of each of this rank's local streams."""
-        if self.layout is None:
-            return [self.rank * self.workers + role for role in range(self.workers)]
-        return [self.layout.stream_id(local) for local in range(self.layout.local_streams)]
+        return epoch_stretches(self.layout, self.rank, self.world_size, self.workers)[1]
 
     def stream_batches(self, stretch: int) -> int:
         """Batches one stream yields per epoch (the same for every stream when training)."""
-        if self.layout is not None:
-            return (self.index.sentences // self.num_stretches) // self.config.batch_size
-        lo, hi = stretch_bounds(self.index.sentences, self.num_stretches, stretch)
-        return math.ceil((hi - lo) / self.config.batch_size)
+        total, whole = self.index.sentences, self.layout is not None
+        return stretch_batches(total, self.num_stretches, stretch, self.config.batch_size, whole)
 
     def rank_batches(self) -> int:
         return sum(self.stream_batches(stretch) for stretch in self.local_stretches)

@@ -36,6 +36,16 @@ def stretch_bounds(total_sentences: int, num_stretches: int, stretch: int) -> tu
     return stretch * total_sentences // num_stretches, (stretch + 1) * total_sentences // num_stretches
 
 
+def stretch_batches(total: int, num_stretches: int, stretch: int, batch_size: int, whole: bool) -> int:
+    """Batches stretch ``stretch`` of ``num_stretches`` yields from ``total`` items: ``whole``
+    (training) whole batches, the same count in every stretch; otherwise (evaluation) all of the
+    stretch, the last batch partial."""
+    if whole:
+        return (total // num_stretches) // batch_size
+    lo, hi = stretch_bounds(total, num_stretches, stretch)
+    return -(-(hi - lo) // batch_size)
+
+
 @dataclass
 class StreamPlan:
     """The images of one stretch in stream order, with the sentences the stretch owns of each.
@@ -151,3 +161,13 @@ class StreamLayout:
     def usable_workers(self, requested: int) -> int:
         """The largest worker count <= ``requested`` that divides the rank's streams (>= 1)."""
         return max(n for n in range(1, max(requested, 1) + 1) if self.local_streams % n == 0)
+
+
+def epoch_stretches(
+    layout: StreamLayout | None, rank: int, world_size: int, workers: int
+) -> tuple[int, list[int]]:
+    """(stretches an epoch is cut into, this rank's in the order of its local streams): the
+    layout's virtual streams when training; one stretch per (rank, worker) for evaluation."""
+    if layout is None:
+        return world_size * workers, [rank * workers + role for role in range(workers)]
+    return layout.streams, [layout.stream_id(local) for local in range(layout.local_streams)]

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lxtrain import batch as B
 from lxtrain.data.finetune_shards import FinetuneIndex, FinetuneSample
-from lxtrain.data.plan import StreamLayout, shard_order, stream_plan, stretch_bounds
+from lxtrain.data.plan import StreamLayout, epoch_stretches, shard_order, stream_plan, stretch_batches
 from lxtrain.data.shard_format import CorruptSampleError
 from lxtrain.data.tokenizer import WordPieceEncoder
 from lxtrain.downstream.models import IGNORE_INDEX, PAIR_LABELS, TARGETS
@@ -120,21 +120,15 @@ class FinetuneStream(IterableDataset):
 
     @property
     def num_stretches(self) -> int:
-        return self.world_size * self.workers if self.layout is None else self.layout.streams
+        return epoch_stretches(self.layout, self.rank, self.world_size, self.workers)[0]
 
     @property
     def local_stretches(self) -> list[int]:
-        if self.layout is None:
-            return [self.rank * self.workers + role for role in range(self.workers)]
-        return [self.layout.stream_id(local) for local in range(self.layout.local_streams)]
+        return epoch_stretches(self.layout, self.rank, self.world_size, self.workers)[1]
 
     def stretch_batches(self, stretch: int) -> int:
         """Batches stretch ``stretch`` yields in an epoch (training: the same in every stretch)."""
-        total = self.index.examples
-        if self.train:
-            return (total // self.num_stretches) // self.batch_size
-        lo, hi = stretch_bounds(total, self.num_stretches, stretch)
-        return -(-(hi - lo) // self.batch_size)
+        return stretch_batches(self.index.examples, self.num_stretches, stretch, self.batch_size, self.train)
 
     def rank_batches(self) -> int:
         return sum(self.stretch_batches(stretch) for stretch in self.local_stretches)
