@@ -284,3 +284,14 @@ def test_a_resume_that_would_change_the_data_order_is_refused_naming_the_flag(on
     with pytest.raises(ValueError, match=r"interleave was 2, is 4.*--data-interleave 2"):
         pretrain.run(changed, one_rank, Stop())
     assert logged_steps(tmp_path) == [1]  # nothing trained on the other order
+
+
+def test_a_finetuning_resume_on_another_order_is_refused_naming_the_flag(one_rank, task_setup, tmp_path):
+    assert (
+        finetune.run(finetune_cfg(task_setup, tmp_path, "--max-steps", "1", "--no-export"), one_rank, Stop())
+        == 0
+    )
+    changed = finetune_cfg(task_setup, tmp_path, "--max-steps", "2", "--no-export", "--seed", "7")
+    with pytest.raises(ValueError, match=r"seed was \d+, is 7.*run with --seed"):
+        finetune.run(changed, one_rank, Stop())
+    assert logged_steps(tmp_path) == [1]

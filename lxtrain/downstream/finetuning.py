@@ -68,6 +68,13 @@ class FinetuneData:
         self.valid = build_loader(self.valid_index, train=False, **options) if self.valid_index else None
         self.answers = self.train_index.answers
         self.what = f"{cfg.train_shards} ({self.train_index.examples} examples)"
+        # What fixes the training order besides the position: a resume must keep it (FinetuneJob).
+        self.layout = {
+            "seed": cfg.seed,
+            "batch_size": micro_batch,
+            "micro_batches_per_step": world_size * accumulation,
+            "examples": self.train_index.examples,
+        }
         dropped = self.train_index.raw["dropped"]["counts"]
         if dropped:
             distributed.print0(f"note: {cfg.train_shards} conversion dropped or repaired: {dropped}")
@@ -161,6 +168,7 @@ class FinetuneJob:
     ) -> None:
         self.cfg, self.model_config = cfg, model_config
         self.train, self.valid, self.answers = data.train, data.valid, data.answers
+        self.layout = data.layout
         self.meter = FinetuneMeter(cfg.task, device)
         self.flops_per_sample = None
         self.has_validation = data.valid is not None
@@ -171,12 +179,21 @@ class FinetuneJob:
         return self.train.epoch(epoch, position)
 
     def data_state(self, epoch: int, position: int) -> dict:
-        return {"epoch": epoch, "batches_consumed": position}
+        return {"epoch": epoch, "batches_consumed": position, **self.layout}
 
     def check_data_state(self, state: dict) -> None:
-        # Not checked yet: the fine-tuning stream keeps no layout record (global batch, seed,
-        # interleave), so a resume that changes one continues on another order without a word.
-        pass
+        fixes = {
+            "seed": "run with --seed {was}",
+            "batch_size": "set train_micro_batch_size_per_gpu to {was} in the DeepSpeed config",
+            "micro_batches_per_step": "keep the global batch: train_batch_size = {was} x the micro-batch",
+            "examples": "train on the same --train-shards as the run that wrote the checkpoint",
+        }
+        for key, value in self.layout.items():
+            if key in state and state[key] != value:
+                raise ValueError(
+                    f"cannot resume the data position exactly: {key} was {state[key]}, is {value} (the "
+                    f"epoch's order depends on it); {fixes[key].format(was=state[key])}"
+                )
 
     def phase(self, step: int) -> str:
         return self.cfg.task
