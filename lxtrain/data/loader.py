@@ -56,6 +56,7 @@ from lxtrain.data.plan import (
     StreamLayout,
     StreamPlan,
     epoch_stretches,
+    refuse_layout_change,
     shard_order,
     stream_plan,
     stretch_batches,
@@ -507,12 +508,7 @@ class PretrainLoader:
                 f"reproduce; resume from the start of an epoch instead: {{'epoch': {state.get('epoch')}, "
                 "'batches_consumed': 0}"
             )
-        for key, value in mine.items():
-            if key in state and state[key] != value:
-                raise ValueError(
-                    f"cannot resume the data position exactly: {key} was {state[key]}, is {value} "
-                    f"(the epoch's order depends on it); {_layout_fix(key, state)}"
-                )
+        refuse_layout_change(state, mine)
         self.epoch = int(state["epoch"])
         self.batches_consumed = int(state["batches_consumed"])
         layout = self.dataset.layout
@@ -597,28 +593,6 @@ class PretrainLoader:
         self.batches_consumed = 0
         if not self.fixed_epoch:
             self.epoch += 1
-
-
-def _layout_fix(key: str, state: dict) -> str:
-    """How to run with the layout a state was written with."""
-    was = state[key]
-    fixes = {
-        "seed": f"run with --seed {was}",
-        "batch_size": f"set train_micro_batch_size_per_gpu to {was} in the DeepSpeed config",
-        "micro_batches_per_step": (
-            "keep the global batch: set train_batch_size to "
-            + (f"{was * state['batch_size']}" if "batch_size" in state else f"{was} x the micro-batch")
-            + ' in the DeepSpeed config, with gradient_accumulation_steps "auto" (micro-batches per '
-            "step = world_size x accumulation)"
-        ),
-        "interleave": f"run with --data-interleave {was}",
-        "streams": f"run with --data-interleave {was} // micro-batches per step",
-        "buffer_images": f"build the loader with buffer_images={was}",
-        "sentences": "train on the same shards (--train-shards) as the run that wrote the state",
-        "world_size": f"run on {was} ranks",
-        "workers": f"run with --num-workers {was}",
-    }
-    return fixes[key]
 
 
 def _received(iterator: Iterator, receiver: RingReceiver | None) -> Iterator[dict[str, torch.Tensor]]:

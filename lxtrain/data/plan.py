@@ -171,3 +171,38 @@ def epoch_stretches(
     if layout is None:
         return world_size * workers, [rank * workers + role for role in range(workers)]
     return layout.streams, [layout.stream_id(local) for local in range(layout.local_streams)]
+
+
+def refuse_layout_change(saved: dict, current: dict) -> None:
+    """Raise ValueError if a saved data state's layout (what fixes the epoch's order besides the
+    position: seed, batch sizes, streams, the data's size) differs from this run's ``current``
+    one, naming the key, both values and the fix. Keys missing from ``saved`` are not checked."""
+    for key, value in current.items():
+        if key in saved and saved[key] != value:
+            raise ValueError(
+                f"cannot resume the data position exactly: {key} was {saved[key]}, is {value} "
+                f"(the epoch's order depends on it); {_layout_fix(key, saved)}"
+            )
+
+
+def _layout_fix(key: str, state: dict) -> str:
+    """How to run with the layout a state was written with."""
+    was = state[key]
+    fixes = {
+        "seed": f"run with --seed {was}",
+        "batch_size": f"set train_micro_batch_size_per_gpu to {was} in the DeepSpeed config",
+        "micro_batches_per_step": (
+            "keep the global batch: set train_batch_size to "
+            + (f"{was * state['batch_size']}" if "batch_size" in state else f"{was} x the micro-batch")
+            + ' in the DeepSpeed config, with gradient_accumulation_steps "auto" (micro-batches per '
+            "step = world_size x accumulation)"
+        ),
+        "interleave": f"run with --data-interleave {was}",
+        "streams": f"run with --data-interleave {was} // micro-batches per step",
+        "buffer_images": f"build the loader with buffer_images={was}",
+        "sentences": "train on the same shards (--train-shards) as the run that wrote the state",
+        "examples": "train on the same shards (--train-shards) as the run that wrote the state",
+        "world_size": f"run on {was} ranks",
+        "workers": f"run with --num-workers {was}",
+    }
+    return fixes[key]

@@ -14,6 +14,7 @@ from lxtrain import checkpoint, distributed
 from lxtrain import engine as engine_setup
 from lxtrain.batch import to_device
 from lxtrain.data.finetune_shards import FinetuneIndex, open_finetune_index
+from lxtrain.data.plan import refuse_layout_change
 from lxtrain.downstream import predict, weights
 from lxtrain.downstream.config import FinetuneConfig
 from lxtrain.downstream.data import FinetuneLoader, build_loader
@@ -182,18 +183,7 @@ class FinetuneJob:
         return {"epoch": epoch, "batches_consumed": position, **self.layout}
 
     def check_data_state(self, state: dict) -> None:
-        fixes = {
-            "seed": "run with --seed {was}",
-            "batch_size": "set train_micro_batch_size_per_gpu to {was} in the DeepSpeed config",
-            "micro_batches_per_step": "keep the global batch: train_batch_size = {was} x the micro-batch",
-            "examples": "train on the same --train-shards as the run that wrote the checkpoint",
-        }
-        for key, value in self.layout.items():
-            if key in state and state[key] != value:
-                raise ValueError(
-                    f"cannot resume the data position exactly: {key} was {state[key]}, is {value} (the "
-                    f"epoch's order depends on it); {fixes[key].format(was=state[key])}"
-                )
+        refuse_layout_change(state, self.layout)
 
     def phase(self, step: int) -> str:
         return self.cfg.task

@@ -75,15 +75,6 @@ class PretrainData:
     def has_validation(self) -> bool:
         return self.valid is not None
 
-    def data_state(self, epoch: int, position: int) -> dict:
-        """The training stream's layout and this position, for a checkpoint."""
-        return {**self.train.state_dict(), "epoch": epoch, "batches_consumed": position}
-
-    def check_data_state(self, state: dict) -> None:
-        """Refuse a checkpoint's data state this run cannot continue exactly (the loader names the
-        key, both values and the fix); another world size or worker count is fine."""
-        self.train.load_state_dict(state)
-
     def train_batches(self, epoch: int, position: int):
         self.train.load_state_dict({"epoch": epoch, "batches_consumed": position})
         return self.train
@@ -155,10 +146,13 @@ class PretrainJob:
         return self.data.train_batches(epoch, position)
 
     def data_state(self, epoch: int, position: int) -> dict:
-        return self.data.data_state(epoch, position)
+        """The training stream's layout and this position, for a checkpoint."""
+        return {**self.data.train.state_dict(), "epoch": epoch, "batches_consumed": position}
 
     def check_data_state(self, state: dict) -> None:
-        self.data.check_data_state(state)
+        # The loader refuses what it cannot continue exactly (naming the key, both values and the
+        # fix); another world size or worker count is fine.
+        self.data.train.load_state_dict(state)
 
     def phase(self, step: int) -> str:
         return self.schedule.at(step)[0]
