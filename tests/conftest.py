@@ -100,6 +100,23 @@ def build_hf_pair(config: LxmertConfig, directory: Path, seed: int = 0):
     return hf, model
 
 
+def synthetic_task_shards(
+    root: Path, images: int, sets: int, feature_dim: int
+) -> tuple[Path, LxmertForPretraining]:
+    """Fine-tuning task shards of a small synthetic world (``root/tasks/shards``) and a tiny
+    pre-training model (seed 0) whose QA head covers the world's answers, for fine-tuning runs."""
+    from lxtrain.synthetic import finetuning
+    from lxtrain.synthetic.pretraining import World, all_answers
+
+    world = World(feature_dim=feature_dim, boxes=8, max_objects=4)
+    finetuning.generate(
+        finetuning.TaskSetConfig(out=root / "tasks", images=images, sets=sets, world=world, shards=True)
+    )
+    torch.manual_seed(0)
+    config = LxmertConfig.tiny(visual_feature_dim=feature_dim, num_qa_labels=len(all_answers()))
+    return root / "tasks" / "shards", LxmertForPretraining(config)
+
+
 @pytest.fixture
 def tiny_config() -> LxmertConfig:
     return LxmertConfig.tiny()

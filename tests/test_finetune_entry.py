@@ -9,13 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import synthetic_task_shards
 
 from lxtrain import convert
 from lxtrain.evaluate import evaluate
-from lxtrain.model import LxmertConfig, LxmertForPretraining
-from lxtrain.synthetic import finetuning as synthetic_tasks
-from lxtrain.synthetic.pretraining import World, all_answers
+from lxtrain.synthetic.pretraining import all_answers
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRY = str(REPO / "lxtrain" / "finetune.py")
@@ -27,15 +25,7 @@ pytestmark = pytest.mark.multiproc
 def setup(tmp_path_factory) -> dict[str, Path]:
     """Task shards plus a 'pre-training run': an lxtrain export whose run_config names its shards."""
     root = tmp_path_factory.mktemp("finetune_entry")
-    synthetic_tasks.generate(
-        synthetic_tasks.TaskSetConfig(
-            out=root / "tasks",
-            images=40,
-            sets=32,
-            world=World(feature_dim=FEATURE_DIM, boxes=8, max_objects=4),
-            shards=True,
-        )
-    )
+    shards, model = synthetic_task_shards(root, images=40, sets=32, feature_dim=FEATURE_DIM)
     answers = [a["ans"] for a in all_answers()]
     pre_shards = root / "pre_shards"
     pre_shards.mkdir()
@@ -43,13 +33,9 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     run = root / "pretrain"
     (run).mkdir()
     (run / "run_config.json").write_text(json.dumps({"lxtrain": {"train_shards": str(pre_shards)}}))
-    torch.manual_seed(0)
-    model = LxmertForPretraining(
-        LxmertConfig.tiny(visual_feature_dim=FEATURE_DIM, num_qa_labels=len(answers))
-    )
     convert.write_lxtrain(model.state_dict(), model.config, run / "export")
     convert.write_hf(model.state_dict(), model.config, root / "hf")
-    return {"shards": root / "tasks" / "shards", "export": run / "export", "hf": root / "hf"}
+    return {"shards": shards, "export": run / "export", "hf": root / "hf"}
 
 
 def finetune(

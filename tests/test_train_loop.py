@@ -12,15 +12,13 @@ import socket
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
+from conftest import synthetic_task_shards
 
-from lxtrain import distributed, finetune, pretrain
+from lxtrain import convert, distributed, finetune, pretrain
 from lxtrain.config import parse_args as parse_pretrain_args
 from lxtrain.downstream.config import parse_args as parse_finetune_args
-from lxtrain.model import LxmertConfig, LxmertForPretraining
-from lxtrain.synthetic import finetuning as synthetic_tasks
-from lxtrain.synthetic.pretraining import SyntheticConfig, World, all_answers, generate
+from lxtrain.synthetic.pretraining import SyntheticConfig, World, generate
 from lxtrain.train.loop import EXIT_NONFINITE, REQUEUE_MARKER, StepHooks
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,24 +64,9 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def task_setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("loop_tasks")
-    synthetic_tasks.generate(
-        synthetic_tasks.TaskSetConfig(
-            out=root / "tasks",
-            images=24,
-            sets=32,
-            world=World(feature_dim=FEATURE_DIM, boxes=8, max_objects=4),
-            shards=True,
-        )
-    )
-    torch.manual_seed(0)
-    answers = all_answers()
-    model = LxmertForPretraining(
-        LxmertConfig.tiny(visual_feature_dim=FEATURE_DIM, num_qa_labels=len(answers))
-    )
-    from lxtrain import convert
-
+    shards, model = synthetic_task_shards(root, images=24, sets=32, feature_dim=FEATURE_DIM)
     convert.write_lxtrain(model.state_dict(), model.config, root / "export")
-    return {"shards": root / "tasks" / "shards", "export": root / "export"}
+    return {"shards": shards, "export": root / "export"}
 
 
 class Stop:
