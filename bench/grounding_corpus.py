@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--hidden", type=int, default=64, help="tiny preset: 64; small: 256")
+    parser.add_argument(
+        "--cross-layers", type=int, default=1, help="cross-modality layers (tiny: 1; LXMERT: 5)"
+    )
     parser.add_argument("--mismatch", type=float, default=0.5)
     parser.add_argument("--object-words-only", action="store_true")
     parser.add_argument("--unmasked", action="store_true")
@@ -163,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     train, valid = f"{args.shards}/train", f"{args.shards}/valid"
     index = open_index(train)
     # The tiny preset's shape, at the width asked for.
-    width = {"hidden_size": args.hidden, "intermediate_size": 2 * args.hidden}
+    width = {
+        "hidden_size": args.hidden,
+        "intermediate_size": 2 * args.hidden,
+        "num_cross_layers": args.cross_layers,
+    }
     config = LxmertConfig(
         **{**MODEL_PRESET_SIZES["tiny"], **width},
         visual_feature_dim=index.feature_dim,

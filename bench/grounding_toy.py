@@ -65,7 +65,10 @@ def make_batch(args: argparse.Namespace, embeddings: torch.Tensor, size: int, cl
             "vision": (labels == 0).any(1),
             "comparison": (labels == word[:, None]).any(1),
         }[args.task]
-        ids = torch.stack([torch.full((size,), CLS), FIRST_WORD_ID + word, torch.full((size,), SEP)], 1)
+        # The class word among --filler other words (a random place; vocabulary entries 3000-3019).
+        words = torch.randint(3000, 3020, (size, args.filler + 1))
+        words[torch.arange(size), torch.randint(0, args.filler + 1, (size,))] = FIRST_WORD_ID + word
+        ids = torch.cat([torch.full((size, 1), CLS), words, torch.full((size, 1), SEP)], 1)
         batch[B.MATCHED_LABELS] = target.long()
     batch.update(
         {B.INPUT_IDS: ids, B.ATTENTION_MASK: torch.ones_like(ids), B.TOKEN_TYPE_IDS: torch.zeros_like(ids)}
@@ -138,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--hidden", type=int, default=64, help="tiny preset: 64; small: 256")
     parser.add_argument("--boxes", type=int, default=10)
+    parser.add_argument("--filler", type=int, default=0, help="other words around the class word")
+    parser.add_argument(
+        "--cross-layers", type=int, default=1, help="cross-modality layers (tiny: 1; LXMERT: 5)"
+    )
+    parser.add_argument("--init-range", type=float, default=0.02, help="std of the weight init (BERT: 0.02)")
     parser.add_argument("--objects", type=int, default=3, help="objects per image (readout: the first)")
     parser.add_argument("--label-share", type=float, default=1.0, help="readout: share of labelled rows")
     parser.add_argument(
@@ -151,9 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     feature_dim = 64
     embeddings = torch.randn(NUM_CLASSES + NUM_BACKGROUND, feature_dim)
     # The tiny preset's shape, at the width asked for.
-    width = {"hidden_size": args.hidden, "intermediate_size": 2 * args.hidden}
+    width = {
+        "hidden_size": args.hidden,
+        "intermediate_size": 2 * args.hidden,
+        "num_cross_layers": args.cross_layers,
+    }
     config = LxmertConfig(
-        **{**MODEL_PRESET_SIZES["tiny"], **width}, visual_feature_dim=feature_dim, num_qa_labels=2
+        **{**MODEL_PRESET_SIZES["tiny"], **width},
+        visual_feature_dim=feature_dim,
+        num_qa_labels=2,
+        initializer_range=args.init_range,
     )
     model = (Lxtrain if args.impl == "lxtrain" else HuggingFace)(config, args.task)
     optimizer = torch.optim.AdamW(model.module.parameters(), lr=args.lr, weight_decay=0.01, eps=1e-6)

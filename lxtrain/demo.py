@@ -40,6 +40,7 @@ import argparse
 import copy
 import json
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -68,6 +69,7 @@ DEMO_SETTINGS: dict[str, dict[str, object]] = {
         images=3000,
         feature_dim=64,
         boxes=1,
+        min_objects=1,
         max_objects=1,
         epochs=2.5,
         recipe="release",
@@ -81,6 +83,7 @@ DEMO_SETTINGS: dict[str, dict[str, object]] = {
         images=800,
         feature_dim=256,
         boxes=36,
+        min_objects=1,
         max_objects=6,
         epochs=4.0,
         recipe="paper",
@@ -94,6 +97,7 @@ DEMO_SETTINGS: dict[str, dict[str, object]] = {
         images=3000,
         feature_dim=64,
         boxes=10,
+        min_objects=1,
         max_objects=1,
         epochs=16.0,
         recipe="release",
@@ -108,6 +112,21 @@ DEFAULT_SETTING = "fast"
 DEEPSPEED_CONFIG = REPO / "ds_configs" / "cpu_demo.json"
 # The PNG of the validation curves, written next to summary.json.
 CURVES_NAME = "validation_curves.png"
+# The settings a demo directory was started with: a rerun with the same ones resumes, others are refused.
+SETTINGS_NAME = "demo.json"
+# What a demo run writes into its directory (all of it goes with --overwrite).
+RUN_ARTEFACTS = (
+    "corpus",
+    "pretrain",
+    "control",
+    "summary.json",
+    CURVES_NAME,
+    SETTINGS_NAME,
+    "deepspeed.json",
+)
+# Flags that do not change what the two runs compute: a rerun may change them and still resume
+# (a resume onto another number of ranks is exact: docs/elastic.md).
+NOT_SETTINGS = frozenset({"out", "port", "verbose", "ranks", "no_control", "overwrite"})
 # Launcher output kept off the console (still in RUN/logs/launcher.log): DeepSpeed's log lines
 # below ERROR, from the launcher processes and the ranks' import-time lines, and the line its op
 # builder prints. ERROR lines, tracebacks and lxtrain's own lines do not match.
@@ -181,6 +200,53 @@ def write_run_files(out: Path, args: argparse.Namespace, num_answers: int) -> ar
     return args
 
 
+def demo_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The flags that decide what the demo's runs compute (world, budget, recipe, model, seed)."""
+    return {name: value for name, value in sorted(vars(args).items()) if name not in NOT_SETTINGS}
+
+
+def claim_directory(out: Path, args: argparse.Namespace) -> None:
+    """Make ``out`` this demo's directory, or refuse one that holds another demo's run.
+
+    A directory started with the same settings (``demo.json``) is resumed: the corpus is kept and
+    both runs continue from their newest checkpoints (``--resume auto``; a finished run only
+    reports). One started with other settings, or holding demo files without ``demo.json``, is
+    refused, so a summary never mixes two runs' results; ``--overwrite`` deletes that run first.
+    """
+    settings = demo_settings(args)
+    record = out / SETTINGS_NAME
+    if args.overwrite:
+        for name in (*RUN_ARTEFACTS, *(p.name for p in out.glob("model_*.json"))):
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    elif record.exists():
+        earlier = json.loads(record.read_text())
+        changed = {
+            name: (earlier.get(name), value) for name, value in settings.items() if earlier.get(name) != value
+        }
+        if not changed:
+            print(f"{out} holds a demo run with these settings: resuming it", flush=True)
+            return
+        listed = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items())
+        raise SystemExit(
+            f"{out} holds a demo run with other settings ({record}: {listed}). Use --out DIR for a "
+            f"new run, the same flags as before to resume it, or --overwrite to delete it and start over."
+        )
+    else:
+        found = [name for name in RUN_ARTEFACTS if (out / name).exists()]
+        if found:
+            raise SystemExit(
+                f"{out} holds files of an earlier demo run ({', '.join(found)}) without {SETTINGS_NAME}, "
+                f"so whether its settings match is unknown. Use --out DIR for a new run, or --overwrite "
+                f"to delete it and start over."
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=2) + "\n")
+
+
 def pretrain_command(run_dir: Path, shards: Path, args: argparse.Namespace, *extra: str) -> list[str]:
     """The ``deepspeed`` command line of one demo pre-training run (after :func:`write_run_files`)."""
     return [
@@ -213,7 +279,7 @@ def pretrain_command(run_dir: Path, shards: Path, args: argparse.Namespace, *ext
         "--num-workers",
         "1",
         "--resume",
-        "none",
+        "auto",  # a fresh directory has nothing to resume; claim_directory refuses a foreign one
         "--object-words",
         OBJECT_WORDS,
         "--no-export",
@@ -272,7 +338,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, help="synthetic training images")
     parser.add_argument("--feature-dim", type=int, help="synthetic RoI feature dimension")
     parser.add_argument("--boxes", type=int, help="regions per synthetic image")
-    parser.add_argument("--max-objects", type=int, help="objects per synthetic image")
+    parser.add_argument("--max-objects", type=int, help="at most this many objects per synthetic image")
+    parser.add_argument("--min-objects", type=int, help="at least this many objects per synthetic image")
     parser.add_argument("--epochs", type=float)
     parser.add_argument("--recipe")
     parser.add_argument(
@@ -306,6 +373,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=29650)
     parser.add_argument("--no-control", action="store_true", help="skip the zero-visual-input control run")
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the demo run already in --out and start over (without it, a rerun with the same "
+        "settings resumes and one with other settings is refused)",
+    )
+    parser.add_argument(
         "--verbose",
         action="store_true",
         help="show the launcher's and libraries' INFO/WARNING lines too (always in RUN/logs/)",
@@ -317,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     default_out = "demo" if args.setting == DEFAULT_SETTING else f"demo_{args.setting}"
     out = Path(args.out or REPO / "runs" / default_out)
+    claim_directory(out, args)
     corpus = out / "corpus"
     if not (corpus / "shards" / "train" / "index.json").exists():
         subprocess.run(
@@ -329,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
                 "--images",
                 str(args.images),
                 *World(
-                    feature_dim=args.feature_dim, boxes=args.boxes, max_objects=args.max_objects
+                    feature_dim=args.feature_dim,
+                    boxes=args.boxes,
+                    min_objects=args.min_objects,
+                    max_objects=args.max_objects,
                 ).size_arguments(),
                 "--shards",
             ],
@@ -412,7 +489,7 @@ def report(
     # which of them a table comes from.
     print(
         f"world: {args.images} images, {args.boxes} box(es) of {args.feature_dim}-d features, "
-        f"up to {args.max_objects} object(s); model: {args.model}, init std "
+        f"{args.min_objects}-{args.max_objects} object(s) each; model: {args.model}, init std "
         f"{'0.02 (BERT)' if args.init_range is None else f'{args.init_range:g} (BERT: 0.02)'}; "
         f"lr: {'constant after' if args.schedule == 'constant' else 'linear decay after'} 5% warm-up, "
         f"Adam {'with' if args.bias_correction else 'without'} bias correction; "

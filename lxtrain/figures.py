@@ -207,18 +207,22 @@ def language_to_vision_figure(
 
 
 def read_validation(path: Path) -> list[dict]:
-    """The records of a run's ``validation.jsonl`` written by its latest run.
+    """The records of a run's ``validation.jsonl`` that its latest run stands by, in step order.
 
-    pretrain.py appends to the file, so a run restarted from scratch in the same directory (the
-    demo uses ``--resume none``) follows the old records with lower steps: only the records after
-    the last drop in step are this run's.
+    pretrain.py appends to the file. A run resumed from a checkpoint older than its last
+    validation repeats the steps after that checkpoint, and a run restarted from scratch in the
+    same directory repeats them all: wherever the step drops, the records it repeats (at that
+    step or later) are the earlier run's and are left out.
     """
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    start = 0
-    for position in range(1, len(records)):
-        if records[position]["step"] <= records[position - 1]["step"]:
-            start = position
-    return records[start:]
+    kept: list[dict] = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        while kept and kept[-1]["step"] >= record["step"]:
+            kept.pop()
+        kept.append(record)
+    return kept
 
 
 def validation_curves(

@@ -14,6 +14,9 @@ from lxtrain.demo import (
     CURVES_NAME,
     DEEPSPEED_CONFIG,
     OBJECT_WORDS,
+    SETTINGS_NAME,
+    claim_directory,
+    main,
     parse_args,
     pretrain_command,
     report,
@@ -105,7 +108,61 @@ def validation_files(tmp_path) -> dict[str, Path]:
 
 def test_read_validation_keeps_the_latest_run_only(validation_files):
     assert [r["step"] for r in read_validation(validation_files["pretrain"])] == [20, 40, 60]
+    assert [r["qa"] for r in (r["acc"] for r in read_validation(validation_files["pretrain"]))] == [
+        0.15,
+        0.25,
+        0.40,
+    ]
     assert [r["step"] for r in read_validation(validation_files["control"])] == [20, 40, 60]
+
+
+def test_read_validation_of_a_resumed_run_keeps_the_steps_before_its_checkpoint(tmp_path):
+    # Validated at 20, 40 and 60, checkpointed at 40, killed; resumed from 40: 60 and 80 again.
+    path = tmp_path / "validation.jsonl"
+    records = [_record(20, 0.1, 0.5, 0.1), _record(40, 0.2, 0.5, 0.1), _record(60, 0.3, 0.5, 0.1)]
+    records += [_record(60, 0.35, 0.5, 0.1), _record(80, 0.4, 0.5, 0.1)]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    kept = read_validation(path)
+    assert [(r["step"], r["acc"]["qa"]) for r in kept] == [(20, 0.1), (40, 0.2), (60, 0.35), (80, 0.4)]
+
+
+def test_the_demo_resumes_with_the_same_settings_and_never_mixes_two_runs(tmp_path, capsys):
+    out = tmp_path / "demo"
+    claim_directory(out, parse_args(["--out", str(out)]))  # a fresh directory: taken
+    recorded = json.loads((out / SETTINGS_NAME).read_text())
+    assert (recorded["setting"], recorded["seed"], recorded["boxes"]) == ("fast", 9595, 1)
+    (out / "pretrain").mkdir()
+    (out / "pretrain" / "validation.jsonl").write_text("{}\n")
+
+    # The same settings (ranks and port may change): resumed, nothing deleted.
+    claim_directory(out, parse_args(["--out", str(out), "--ranks", "1", "--port", "1"]))
+    assert "resuming it" in capsys.readouterr().out
+    assert (out / "pretrain" / "validation.jsonl").exists()
+    assert _pretrain_config([], out=out).resume == "auto"
+
+    # Other settings: refused, naming what changed and the flags to use; nothing touched.
+    with pytest.raises(SystemExit) as refused:
+        main(["--out", str(out), "--seed", "1", "--boxes", "10"])
+    message = str(refused.value)
+    assert "boxes 1 -> 10" in message and "seed 9595 -> 1" in message
+    assert "--out DIR" in message and "--overwrite" in message
+    assert json.loads((out / SETTINGS_NAME).read_text()) == recorded
+    assert (out / "pretrain" / "validation.jsonl").exists()
+
+    # --overwrite deletes the earlier run's files (and only those) and takes the directory.
+    (out / "notes.txt").write_text("mine")
+    claim_directory(out, parse_args(["--out", str(out), "--seed", "1", "--overwrite"]))
+    assert not (out / "pretrain").exists() and (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / SETTINGS_NAME).read_text())["seed"] == 1
+
+
+def test_a_directory_with_an_earlier_demo_but_no_settings_record_is_refused(tmp_path):
+    out = tmp_path / "demo"
+    (out / "control").mkdir(parents=True)
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"control, summary.json\) without demo.json.*--overwrite"):
+        claim_directory(out, parse_args(["--out", str(out)]))
+    assert not (out / SETTINGS_NAME).exists()
 
 
 def test_report_plots_the_validation_files_next_to_the_summary(validation_files, tmp_path, capsys):

@@ -288,12 +288,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--feature-dim", type=int, default=2048, help="RoI feature dimension")
     parser.add_argument("--boxes", type=int, default=36, help="regions per image")
     parser.add_argument("--max-objects", type=int, default=6, help="objects per image (rest: background)")
+    parser.add_argument("--min-objects", type=int, default=1, help="at least this many objects per image")
     parser.add_argument("--shards", action="store_true", help="also convert every split to shards")
     args = parser.parse_args(argv)
     world = World(
         feature_dim=args.feature_dim,
         boxes=args.boxes,
         max_objects=args.max_objects,
+        min_objects=args.min_objects,
         world_seed=args.world_seed,
     )
     config = TaskSetConfig(

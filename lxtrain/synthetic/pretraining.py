@@ -2,7 +2,7 @@
 
     python -m lxtrain.synthetic.pretraining --out data/synth --images 2000 --shards
 
-The world: every image has ``--boxes`` regions. A few (1..``--max-objects``) are *objects* of
+The world: every image has ``--boxes`` regions. A few (``--min-objects``..``--max-objects``) are *objects* of
 a named class ("dog", "car", ...) with a colour attribute ("red", ...) and a size ("small" or
 "big", from the box area); the other regions are *background* ("sky", "grass", ...). A region's
 feature is ``relu(class_embedding + 0.5 * colour_embedding + noise)`` with embeddings fixed by
@@ -81,6 +81,7 @@ class World:
         feature_dim: RoI feature dimension (2048 in the published data).
         boxes: regions per image (36 in the published data).
         max_objects: at most this many objects per image (the rest is background).
+        min_objects: at least this many (the count is uniform in min..max).
         world_seed: seeds the embeddings; train and minival share one world.
         noise: standard deviation of the per-region feature noise.
     """
@@ -90,10 +91,14 @@ class World:
     max_objects: int = 6
     world_seed: int = 0
     noise: float = 0.3
+    min_objects: int = 1
 
     def __post_init__(self) -> None:
-        if self.boxes < self.max_objects or self.max_objects < 1:
-            raise ValueError("need 1 <= max_objects <= boxes")
+        if not 1 <= self.min_objects <= self.max_objects <= self.boxes:
+            raise ValueError(
+                f"need 1 <= min_objects <= max_objects <= boxes; got min_objects={self.min_objects}, "
+                f"max_objects={self.max_objects}, boxes={self.boxes}"
+            )
 
     def size_arguments(self) -> list[str]:
         """The command-line flags that give this world's sizes to ``lxtrain.synthetic.pretraining`` and
@@ -105,6 +110,8 @@ class World:
             str(self.boxes),
             "--max-objects",
             str(self.max_objects),
+            "--min-objects",
+            str(self.min_objects),
         ]
 
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +149,7 @@ def make_image(
     rng = np.random.default_rng([seed, SPLITS[split], index])
     class_embeddings, color_embeddings = embeddings
     img_w, img_h = (int(v) for v in rng.integers(320, 641, size=2))
-    num_objects = int(rng.integers(1, world.max_objects + 1))
+    num_objects = int(rng.integers(world.min_objects, world.max_objects + 1))
     palette = rng.choice(len(OBJECT_CLASSES), size=min(3, num_objects), replace=False)
     object_classes = rng.choice(palette, size=num_objects)
     object_colors = rng.integers(0, len(COLORS), size=num_objects)
@@ -409,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--feature-dim", type=int, default=2048, help="RoI feature dimension")
     parser.add_argument("--boxes", type=int, default=36, help="regions per image")
     parser.add_argument("--max-objects", type=int, default=6, help="objects per image (rest: background)")
+    parser.add_argument("--min-objects", type=int, default=1, help="at least this many objects per image")
     parser.add_argument("--noise", type=float, default=0.3, help="feature noise standard deviation")
     parser.add_argument("--shards", action="store_true", help="also convert to shards (train + valid)")
     parser.add_argument("--direct", action="store_true", help="write shards only, skipping TSV/JSON")
@@ -419,6 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         feature_dim=args.feature_dim,
         boxes=args.boxes,
         max_objects=min(args.max_objects, args.boxes),
+        min_objects=args.min_objects,
         world_seed=args.world_seed,
         noise=args.noise,
     )
