@@ -32,6 +32,9 @@ model from grounding words in boxes (see docs/grounding.md):
   ``--mismatch 0``): a share P of the rows get the image of another of those rows (a cyclic
   shift, so never their own), with its region labels, and lose their QA label, as the original
   LXMERT swapped images rather than sentences;
+- ``--object-words-first N``: for the first N steps every training sentence is cut down to
+  [CLS] its object words [SEP] (a curriculum probe for matching: the comparison without the
+  words around it); validation always sees whole sentences;
 - ``--train-every N``: print the training batch's matching loss and accuracy and the gradient norm
   of the pooler's weight (all of it from matching in a ``--tasks match`` run) every N steps;
 - ``--grad-every N``: print the global gradient norm and the part of it from the RoI-feature
@@ -59,6 +62,8 @@ from lxtrain.synthetic.pretraining import OBJECT_CLASSES
 from lxtrain.tasks.masking import IGNORE_INDEX
 from lxtrain.tasks.objectives import TASKS, PretrainingObjective
 from lxtrain.tasks.validation import object_word_tally
+
+SEP_ID = 102  # [SEP] in the BERT uncased vocabulary
 
 
 def object_word_ids() -> tuple[torch.Tensor, int]:
@@ -99,6 +104,28 @@ def evaluate(objective: PretrainingObjective, shards: str, object_words: torch.T
             counts[name] = counts.get(name, 0.0) + count
     objective.train()
     return {task: correct[task] / max(counts[task], 1.0) for task in correct}
+
+
+def keep_only_object_words(batch: dict, object_words: torch.Tensor) -> None:
+    """Shorten every sentence to [CLS] its object words [SEP] (in place; no masked-LM or QA labels).
+
+    The matching label stays: a matched sentence still names the image's object, a mismatched one
+    another image's. A curriculum probe: the comparison without the rest of the sentence around it.
+    """
+    ids, labels = batch[B.INPUT_IDS], batch[B.MLM_LABELS]
+    original = torch.where(labels != IGNORE_INDEX, labels, ids)
+    keep = torch.isin(original, object_words)
+    rows = torch.zeros_like(ids)
+    rows[:, 0] = ids[:, 0]  # [CLS]
+    for row in range(ids.shape[0]):
+        words = original[row][keep[row]][: ids.shape[1] - 2]
+        rows[row, 1 : 1 + words.numel()] = words
+        rows[row, 1 + words.numel()] = SEP_ID
+    batch[B.INPUT_IDS] = rows
+    batch[B.ATTENTION_MASK] = (rows != 0).long()
+    batch[B.TOKEN_TYPE_IDS] = torch.zeros_like(rows)
+    batch[B.MLM_LABELS] = torch.full_like(rows, IGNORE_INDEX)
+    batch[B.QA_LABELS] = torch.full_like(batch[B.QA_LABELS], IGNORE_INDEX)
 
 
 # Per-image tensors of a batch after B.to_device: what moves with an image between rows.
@@ -154,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: none)")
     parser.add_argument("--decay", action="store_true", help="5%% warm-up, then linear decay to 0")
+    parser.add_argument("--object-words-first", type=int, default=0, metavar="STEPS")
     parser.add_argument("--in-batch-negatives", type=float, default=0.0, metavar="P")
     parser.add_argument("--train-every", type=int, default=0)
     parser.add_argument("--grad-every", type=int, default=0)
@@ -215,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         loader.set_epoch(epoch)
         for batch in loader:
             batch = B.to_device(batch, torch.device("cpu"))  # applies the shipped object masks
-            if args.mask_all_object_words < 0 or step < args.mask_all_object_words:
+            if step < args.object_words_first:
+                keep_only_object_words(batch, object_words)
+            elif args.mask_all_object_words < 0 or step < args.mask_all_object_words:
                 mask_all_object_words(batch, object_words, mask_id)
             elif args.object_words_only:
                 labels = batch[B.MLM_LABELS]

@@ -17,6 +17,10 @@ sentence is a single class word (binary tasks, through the cross-modality matchi
   object-word prediction needs). ``--label-share`` of the rows carry the label and
   ``--mismatch`` of them see another row's image, as in pre-training.
 
+Knobs: ``--filler N`` puts the class word at a random place among N other words (a sentence's
+length; validation always has N), ``--short-first S`` trains the first S steps without them,
+``--init-range``, ``--hidden`` and ``--cross-layers`` change the network.
+
 It prints validation accuracy against the majority-label rate every ``--every`` steps, so the
 step at which a link is learned (or that it is not) can be read off. Used to tell an
 optimisation limit of the architecture at small sizes from a bug in the data path.
@@ -41,11 +45,18 @@ FIRST_WORD_ID = 2000  # class c is vocabulary entry 2000 + c
 PICTURE_OF_A = (1037, 3861, 1997, 1037)  # "a picture of a"
 
 
-def make_batch(args: argparse.Namespace, embeddings: torch.Tensor, size: int, clean: bool) -> dict:
+def make_batch(
+    args: argparse.Namespace, embeddings: torch.Tensor, size: int, clean: bool, filler: int | None = None
+) -> dict:
     objects = torch.randint(0, NUM_CLASSES, (size, args.objects))
     background = torch.randint(NUM_CLASSES, NUM_CLASSES + NUM_BACKGROUND, (size, args.boxes - args.objects))
     labels = torch.cat([objects, background], 1)
-    features = torch.relu(embeddings[labels] + 0.3 * torch.randn(size, args.boxes, embeddings.shape[1]))
+    noise = 0.3 * torch.randn(size, args.boxes, embeddings.shape[1])
+    if args.colour:  # the synthetic corpus's regions also carry one of 8 colours: a nuisance here
+        noise += (
+            args.colour * embeddings[torch.randint(0, 8, (size, args.boxes)) + NUM_CLASSES + NUM_BACKGROUND]
+        )
+    features = torch.relu(embeddings[labels] + noise)
     batch = {B.OBJECT_BOXES: torch.rand(size, args.boxes, 4)}
     if args.task == "readout":
         ids = torch.tensor([CLS, *PICTURE_OF_A, MASK, 1012, SEP]).repeat(size, 1)
@@ -66,8 +77,9 @@ def make_batch(args: argparse.Namespace, embeddings: torch.Tensor, size: int, cl
             "comparison": (labels == word[:, None]).any(1),
         }[args.task]
         # The class word among --filler other words (a random place; vocabulary entries 3000-3019).
-        words = torch.randint(3000, 3020, (size, args.filler + 1))
-        words[torch.arange(size), torch.randint(0, args.filler + 1, (size,))] = FIRST_WORD_ID + word
+        filler = args.filler if filler is None else filler
+        words = torch.randint(3000, 3020, (size, filler + 1))
+        words[torch.arange(size), torch.randint(0, filler + 1, (size,))] = FIRST_WORD_ID + word
         ids = torch.cat([torch.full((size, 1), CLS), words, torch.full((size, 1), SEP)], 1)
         batch[B.MATCHED_LABELS] = target.long()
     batch.update(
@@ -141,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--hidden", type=int, default=64, help="tiny preset: 64; small: 256")
     parser.add_argument("--boxes", type=int, default=10)
+    parser.add_argument(
+        "--short-first", type=int, default=0, metavar="STEPS", help="train without filler words for STEPS"
+    )
+    parser.add_argument("--colour", type=float, default=0.0, help="weight of a random colour in each region")
     parser.add_argument("--filler", type=int, default=0, help="other words around the class word")
     parser.add_argument(
         "--cross-layers", type=int, default=1, help="cross-modality layers (tiny: 1; LXMERT: 5)"
@@ -158,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     feature_dim = 64
     embeddings = torch.randn(NUM_CLASSES + NUM_BACKGROUND, feature_dim)
+    # 8 colour embeddings after them, from their own generator (the default runs draw as before).
+    colours = torch.randn(8, feature_dim, generator=torch.Generator().manual_seed(args.seed + 1))
+    embeddings = torch.cat([embeddings, colours])
     # The tiny preset's shape, at the width asked for.
     width = {
         "hidden_size": args.hidden,
@@ -182,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         f"task {args.task} ({args.impl}), hidden {args.hidden}, {args.boxes} boxes, majority {majority:.3f}"
     )
     for step in range(1, args.steps + 1):
-        loss, _, _ = model.loss_and_correct(make_batch(args, embeddings, args.batch, clean=False))
+        filler = 0 if step <= args.short_first else args.filler  # validation: always --filler
+        loss, _, _ = model.loss_and_correct(make_batch(args, embeddings, args.batch, False, filler))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
