@@ -124,9 +124,10 @@ RUN_ARTEFACTS = (
     SETTINGS_NAME,
     "deepspeed.json",
 )
-# Flags that do not change what the two runs compute: a rerun may change them and still resume
-# (a resume onto another number of ranks is exact: docs/elastic.md).
-NOT_SETTINGS = frozenset({"out", "port", "verbose", "ranks", "no_control", "overwrite"})
+# Flags that do not change what the two runs compute: a rerun may change them and still resume.
+# (--ranks is a setting: training would resume exactly on another count, docs/elastic.md, but
+# validation splits its masks per rank, so one curve would mix two validation sets.)
+NOT_SETTINGS = frozenset({"out", "port", "verbose", "no_control", "overwrite"})
 # Launcher output kept off the console (still in RUN/logs/launcher.log): DeepSpeed's log lines
 # below ERROR, from the launcher processes and the ranks' import-time lines, and the line its op
 # builder prints. ERROR lines, tracebacks and lxtrain's own lines do not match.

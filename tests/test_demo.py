@@ -134,17 +134,17 @@ def test_the_demo_resumes_with_the_same_settings_and_never_mixes_two_runs(tmp_pa
     (out / "pretrain").mkdir()
     (out / "pretrain" / "validation.jsonl").write_text("{}\n")
 
-    # The same settings (ranks and port may change): resumed, nothing deleted.
-    claim_directory(out, parse_args(["--out", str(out), "--ranks", "1", "--port", "1"]))
+    # The same settings (the port and the console may change): resumed, nothing deleted.
+    claim_directory(out, parse_args(["--out", str(out), "--port", "1", "--verbose"]))
     assert "resuming it" in capsys.readouterr().out
     assert (out / "pretrain" / "validation.jsonl").exists()
     assert _pretrain_config([], out=out).resume == "auto"
 
     # Other settings: refused, naming what changed and the flags to use; nothing touched.
     with pytest.raises(SystemExit) as refused:
-        main(["--out", str(out), "--seed", "1", "--boxes", "10"])
+        main(["--out", str(out), "--seed", "1", "--boxes", "10", "--ranks", "1"])
     message = str(refused.value)
-    assert "boxes 1 -> 10" in message and "seed 9595 -> 1" in message
+    assert "boxes 1 -> 10" in message and "seed 9595 -> 1" in message and "ranks 2 -> 1" in message
     assert "--out DIR" in message and "--overwrite" in message
     assert json.loads((out / SETTINGS_NAME).read_text()) == recorded
     assert (out / "pretrain" / "validation.jsonl").exists()
