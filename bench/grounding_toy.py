@@ -81,6 +81,13 @@ def make_batch(
         words = torch.randint(3000, 3020, (size, filler + 1))
         words[torch.arange(size), torch.randint(0, filler + 1, (size,))] = FIRST_WORD_ID + word
         ids = torch.cat([torch.full((size, 1), CLS), words, torch.full((size, 1), SEP)], 1)
+        if args.no_cue and not clean:  # the class word becomes a filler word: the label stays
+            dropped = torch.rand(size) < args.no_cue
+            ids[dropped, 1:-1] = torch.where(
+                ids[dropped, 1:-1] >= FIRST_WORD_ID + NUM_CLASSES, ids[dropped, 1:-1], 3000
+            )
+        if args.mask_boxes and not clean:  # LXMERT's object masking zeroes a region's feature
+            features[torch.rand(size, args.boxes) < args.mask_boxes] = 0.0
         batch[B.MATCHED_LABELS] = target.long()
     batch.update(
         {B.INPUT_IDS: ids, B.ATTENTION_MASK: torch.ones_like(ids), B.TOKEN_TYPE_IDS: torch.zeros_like(ids)}
@@ -157,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         "--short-first", type=int, default=0, metavar="STEPS", help="train without filler words for STEPS"
     )
     parser.add_argument("--colour", type=float, default=0.0, help="weight of a random colour in each region")
+    parser.add_argument("--no-cue", type=float, default=0.0, help="training rows whose class word is removed")
+    parser.add_argument(
+        "--mask-boxes", type=float, default=0.0, help="training regions zeroed (LXMERT: 0.15)"
+    )
     parser.add_argument("--filler", type=int, default=0, help="other words around the class word")
     parser.add_argument(
         "--cross-layers", type=int, default=1, help="cross-modality layers (tiny: 1; LXMERT: 5)"

@@ -22,6 +22,7 @@ from lxtrain.synthetic.pretraining import (
     SyntheticConfig,
     World,
     generate,
+    make_image,
     write_original_files,
 )
 
@@ -152,3 +153,17 @@ def test_cli(tmp_path: Path) -> None:
     index = json.loads((tmp_path / "shards" / "train" / "index.json").read_text())
     assert index["totals"]["images"] == 30 and len(index["shards"]) == 3
     assert (tmp_path / "shards" / "valid" / "index.json").is_file()
+
+
+def test_min_objects_sets_the_salient_object_count_and_background_fills_the_rest() -> None:
+    world = World(feature_dim=16, boxes=36, min_objects=2, max_objects=4)
+    embeddings = world.embeddings()
+    counts = set()
+    for index in range(60):
+        regions, _ = make_image(world, "train", index, 3, embeddings)
+        objects = int((regions.objects_id < len(OBJECT_CLASSES)).sum())
+        counts.add(objects)
+        assert len(regions.objects_id) == 36
+    assert counts == {2, 3, 4}
+    with pytest.raises(ValueError, match="min_objects=5, max_objects=4"):
+        World(boxes=36, min_objects=5, max_objects=4)
