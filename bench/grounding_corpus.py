@@ -32,9 +32,10 @@ model from grounding words in boxes (see docs/grounding.md):
   ``--mismatch 0``): a share P of the rows get the image of another of those rows (a cyclic
   shift, so never their own), with its region labels, and lose their QA label, as the original
   LXMERT swapped images rather than sentences;
-- ``--object-words-first N``: for the first N steps every training sentence is cut down to
-  [CLS] its object words [SEP] (a curriculum probe for matching: the comparison without the
-  words around it); validation always sees whole sentences;
+- ``--object-words-first N``: for the first N steps training sentences are cut down to
+  [CLS] their object words [SEP] (a curriculum probe for matching: the comparison without the
+  words around it), ``--object-words-share P`` of the rows (default all; the others keep their
+  sentence and labels); validation always sees whole sentences;
 - ``--train-every N``: print the training batch's matching loss and accuracy and the gradient norm
   of the pooler's weight (all of it from matching in a ``--tasks match`` run) every N steps;
 - ``--grad-every N``: print the global gradient norm and the part of it from the RoI-feature
@@ -106,26 +107,29 @@ def evaluate(objective: PretrainingObjective, shards: str, object_words: torch.T
     return {task: correct[task] / max(counts[task], 1.0) for task in correct}
 
 
-def keep_only_object_words(batch: dict, object_words: torch.Tensor) -> None:
-    """Shorten every sentence to [CLS] its object words [SEP] (in place; no masked-LM or QA labels).
+def keep_only_object_words(batch: dict, object_words: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """Shorten sentences to [CLS] their object words [SEP] (in place; those rows lose their masked-LM
+    and QA labels). ``rows``: a boolean mask of the rows to shorten (default: all).
 
     The matching label stays: a matched sentence still names the image's object, a mismatched one
     another image's. A curriculum probe: the comparison without the rest of the sentence around it.
     """
     ids, labels = batch[B.INPUT_IDS], batch[B.MLM_LABELS]
+    chosen = torch.ones(ids.shape[0], dtype=torch.bool) if rows is None else rows
     original = torch.where(labels != IGNORE_INDEX, labels, ids)
     keep = torch.isin(original, object_words)
-    rows = torch.zeros_like(ids)
-    rows[:, 0] = ids[:, 0]  # [CLS]
+    short = torch.zeros_like(ids)
+    short[:, 0] = ids[:, 0]  # [CLS]
     for row in range(ids.shape[0]):
         words = original[row][keep[row]][: ids.shape[1] - 2]
-        rows[row, 1 : 1 + words.numel()] = words
-        rows[row, 1 + words.numel()] = SEP_ID
-    batch[B.INPUT_IDS] = rows
-    batch[B.ATTENTION_MASK] = (rows != 0).long()
-    batch[B.TOKEN_TYPE_IDS] = torch.zeros_like(rows)
-    batch[B.MLM_LABELS] = torch.full_like(rows, IGNORE_INDEX)
-    batch[B.QA_LABELS] = torch.full_like(batch[B.QA_LABELS], IGNORE_INDEX)
+        short[row, 1 : 1 + words.numel()] = words
+        short[row, 1 + words.numel()] = SEP_ID
+    mask = chosen[:, None]
+    batch[B.INPUT_IDS] = torch.where(mask, short, ids)
+    batch[B.ATTENTION_MASK] = torch.where(mask, (short != 0).long(), batch[B.ATTENTION_MASK])
+    batch[B.TOKEN_TYPE_IDS] = torch.where(mask, 0, batch[B.TOKEN_TYPE_IDS])
+    batch[B.MLM_LABELS] = torch.where(mask, IGNORE_INDEX, labels)
+    batch[B.QA_LABELS] = torch.where(chosen, IGNORE_INDEX, batch[B.QA_LABELS])
 
 
 # Per-image tensors of a batch after B.to_device: what moves with an image between rows.
@@ -182,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: none)")
     parser.add_argument("--decay", action="store_true", help="5%% warm-up, then linear decay to 0")
     parser.add_argument("--object-words-first", type=int, default=0, metavar="STEPS")
+    parser.add_argument("--object-words-share", type=float, default=1.0, help="rows shortened meanwhile")
     parser.add_argument("--in-batch-negatives", type=float, default=0.0, metavar="P")
     parser.add_argument("--train-every", type=int, default=0)
     parser.add_argument("--grad-every", type=int, default=0)
@@ -244,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         for batch in loader:
             batch = B.to_device(batch, torch.device("cpu"))  # applies the shipped object masks
             if step < args.object_words_first:
-                keep_only_object_words(batch, object_words)
+                share = torch.rand(batch[B.INPUT_IDS].shape[0], generator=swap_generator)
+                keep_only_object_words(batch, object_words, share < args.object_words_share)
             elif args.mask_all_object_words < 0 or step < args.mask_all_object_words:
                 mask_all_object_words(batch, object_words, mask_id)
             elif args.object_words_only:
