@@ -242,14 +242,15 @@ def main(argv: list[str] | None = None) -> int:
         object_word_mask_probability=args.object_word_mask,
     )
     feature_bias = objective.model.backbone.object_embeddings.feature_proj.bias
-    swap_generator = torch.Generator().manual_seed(args.seed)
+    # The bench's own per-row draws: the in-batch swaps and the curriculum's shortened rows.
+    row_generator = torch.Generator().manual_seed(args.seed)
     started, step, epoch = time.monotonic(), 0, 0
     while step < args.steps:
         loader.set_epoch(epoch)
         for batch in loader:
             batch = B.to_device(batch, torch.device("cpu"))  # applies the shipped object masks
             if step < args.object_words_first:
-                share = torch.rand(batch[B.INPUT_IDS].shape[0], generator=swap_generator)
+                share = torch.rand(batch[B.INPUT_IDS].shape[0], generator=row_generator)
                 keep_only_object_words(batch, object_words, share < args.object_words_share)
             elif args.mask_all_object_words < 0 or step < args.mask_all_object_words:
                 mask_all_object_words(batch, object_words, mask_id)
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.unmasked:
                 batch[B.OBJECT_FEATURES] = batch[B.FEATURE_TARGETS].clone()
             if args.in_batch_negatives:
-                swap_images_in_batch(batch, args.in_batch_negatives, swap_generator)
+                swap_images_in_batch(batch, args.in_batch_negatives, row_generator)
             out = objective(batch, tasks)
             optimizer.zero_grad()
             out.total.backward()

@@ -114,6 +114,8 @@ DEEPSPEED_CONFIG = REPO / "ds_configs" / "cpu_demo.json"
 CURVES_NAME = "validation_curves.png"
 # The settings a demo directory was started with: a rerun with the same ones resumes, others are refused.
 SETTINGS_NAME = "demo.json"
+# The DeepSpeed JSON a setting writes next to the summary (write_run_files) when it changes the shipped one.
+RUN_DEEPSPEED_NAME = "deepspeed.json"
 # What a demo run writes into its directory (all of it goes with --overwrite).
 RUN_ARTEFACTS = (
     "corpus",
@@ -122,7 +124,7 @@ RUN_ARTEFACTS = (
     "summary.json",
     CURVES_NAME,
     SETTINGS_NAME,
-    "deepspeed.json",
+    RUN_DEEPSPEED_NAME,
 )
 # Flags that do not change what the two runs compute: a rerun may change them and still resume.
 # (--ranks is a setting: training would resume exactly on another count, docs/elastic.md, but
@@ -196,7 +198,7 @@ def write_run_files(out: Path, args: argparse.Namespace, num_answers: int) -> ar
             }
             deepspeed["scheduler"] = scheduler
         deepspeed["optimizer"]["params"]["bias_correction"] = bool(args.bias_correction)
-        args.deepspeed_config = out / "deepspeed.json"
+        args.deepspeed_config = out / RUN_DEEPSPEED_NAME
         args.deepspeed_config.write_text(json.dumps(deepspeed, indent=2) + "\n")
     return args
 
